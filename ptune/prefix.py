@@ -1,0 +1,194 @@
+"""P-tuning v2: trainable key/value prefixes for every attention layer of a frozen causal LM.
+
+Why not PEFT's prefix tuning: it feeds the prefix in as a past-key-value cache, so (1) gradient checkpointing
+is refused (the cache would be written twice on the backward replay), (2) every real token's position is shifted
+by the prefix length, which changes the function and breaks the original ChatGLM2 P-tuning checkpoints, and (3)
+with a projection only the projected table is saved, so such a run cannot resume.
+
+Here the prefix enters at attention time instead: a custom entry in transformers' ``AttentionInterface``
+(``ptune_sdpa``) prepends the layer's prefix keys/values to the real ones just before scaled-dot-product
+attention. The model never sees the prefix as a cache, so real tokens keep positions 0, 1, 2, ..., the prefix
+keys carry no rotary embedding, the KV cache of ``generate`` holds only real tokens, and the attention call is a
+pure function (safe to recompute under gradient checkpointing).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AttentionInterface, PreTrainedModel
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+ATTN_IMPLEMENTATION = "ptune_sdpa"
+
+
+@dataclass(frozen=True)
+class PrefixShape:
+    """Sizes of the key/value prefix, read from the base model's config (works for MQA and GQA)."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+
+    @classmethod
+    def from_config(cls, config) -> PrefixShape:
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        return cls(num_layers=config.num_hidden_layers, num_kv_heads=kv_heads, head_dim=head_dim)
+
+    @property
+    def kv_size(self) -> int:
+        """Width of one prefix row: every layer's key and value for every key/value head."""
+        return self.num_layers * 2 * self.num_kv_heads * self.head_dim
+
+
+class PrefixEncoder(nn.Module):
+    """The trainable prefix table, optionally reparametrised by a two-layer MLP (``projection``).
+
+    Parameter names and the row layout (layer, then key/value, then head, then channel) are those of the original
+    ChatGLM2 ``PrefixEncoder``, so its checkpoints load without any numeric transformation.
+    """
+
+    def __init__(
+        self,
+        shape: PrefixShape,
+        length: int,
+        projection: bool = False,
+        projection_hidden_size: int = 0,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if length < 1:
+            raise ValueError(f"prefix.length must be at least 1, got {length}")
+        if projection and projection_hidden_size < 1:
+            raise ValueError("prefix.projection_hidden_size must be at least 1 when prefix.projection=true")
+        self.shape = shape
+        self.length = length
+        self.embedding = nn.Embedding(length, shape.kv_size)
+        self.trans = (
+            nn.Sequential(
+                nn.Linear(shape.kv_size, projection_hidden_size),
+                nn.Tanh(),
+                nn.Linear(projection_hidden_size, shape.kv_size),
+            )
+            if projection
+            else None
+        )
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self) -> torch.Tensor:
+        """Return the prefix as ``[num_layers, 2 (key, value), num_kv_heads, length, head_dim]``."""
+        table = self.embedding.weight
+        if self.trans is not None:
+            table = self.trans(table)
+        s = self.shape
+        table = self.dropout(table.view(self.length, s.num_layers, 2, s.num_kv_heads, s.head_dim))
+        return table.permute(1, 2, 3, 0, 4)
+
+
+class _ActivePrefix:
+    """Holds the prefix computed for the current forward pass; every attention module of the base reads it.
+
+    It stays set after the forward returns on purpose: gradient checkpointing recomputes the attention during the
+    backward pass and must see the very same tensor.
+    """
+
+    def __init__(self) -> None:
+        self.kv: torch.Tensor | None = None
+
+
+def _prepend_prefix(
+    prefix: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Concatenate one layer's ``[2, heads, length, dim]`` prefix before the real keys/values; widen the mask."""
+    batch, length = key.shape[0], prefix.shape[2]
+    prefix = prefix.to(key.dtype).unsqueeze(1).expand(-1, batch, -1, -1, -1)
+    key = torch.cat([prefix[0], key], dim=2)
+    value = torch.cat([prefix[1], value], dim=2)
+    if attention_mask is None:
+        # transformers drops the mask when plain causal attention suffices; rebuild it (bottom-right aligned,
+        # as during cached decoding the queries are the last tokens) since the prefix makes it non-square.
+        q_len, kv_len = query.shape[2], key.shape[2] - length
+        attention_mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=key.device)
+        attention_mask = attention_mask.tril(kv_len - q_len)[None, None]
+    visible = True if attention_mask.dtype == torch.bool else 0.0
+    prefix_columns = attention_mask.new_full((*attention_mask.shape[:-1], length), visible)
+    return key, value, torch.cat([prefix_columns, attention_mask], dim=-1)
+
+
+def prefix_sdpa_attention(module, query, key, value, attention_mask, **kwargs):
+    """transformers' SDPA attention, with the layer's prefix keys/values in front of the real ones."""
+    active: _ActivePrefix | None = getattr(module, "_ptune_prefix", None)
+    if active is not None and active.kv is not None:
+        key, value, attention_mask = _prepend_prefix(
+            active.kv[module.layer_idx], query, key, value, attention_mask
+        )
+        kwargs.pop("is_causal", None)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+AttentionInterface.register(ATTN_IMPLEMENTATION, prefix_sdpa_attention)
+AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
+
+
+def _attention_modules(model: PreTrainedModel) -> list[nn.Module]:
+    """The self-attention module of every layer, found by the ``layer_idx`` + ``head_dim`` attributes."""
+    found = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "head_dim")]
+    expected = model.config.num_hidden_layers
+    if sorted(m.layer_idx for m in found) != list(range(expected)):
+        raise ValueError(
+            f"{type(model).__name__}: found {len(found)} attention modules with a layer_idx, expected one for each "
+            f"of its {expected} layers. ptune supports transformers models whose attention goes through "
+            "AttentionInterface (Llama, Qwen2, GLM, GLM-4, ...)."
+        )
+    return found
+
+
+class PrefixTunedModel(nn.Module):
+    """A frozen base causal LM plus a trainable :class:`PrefixEncoder`; only the prefix has gradients."""
+
+    def __init__(self, base: PreTrainedModel, prefix: PrefixEncoder) -> None:
+        super().__init__()
+        if PrefixShape.from_config(base.config) != prefix.shape:
+            raise ValueError(
+                f"the prefix was built for {prefix.shape} but the base model has "
+                f"{PrefixShape.from_config(base.config)}: it belongs to another model"
+            )
+        base.requires_grad_(False)
+        base.set_attn_implementation(ATTN_IMPLEMENTATION)
+        self.base = base
+        self.prefix = prefix
+        self._active = _ActivePrefix()
+        for module in _attention_modules(base):
+            module._ptune_prefix = self._active
+        base.register_forward_pre_hook(self._compute_prefix)
+
+    @property
+    def config(self):
+        return self.base.config
+
+    def _compute_prefix(self, _module: nn.Module, _args: tuple) -> None:
+        self._active.kv = self.prefix()
+
+    def forward(self, *args, **kwargs):
+        return self.base(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        return self.base.generate(*args, **kwargs)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """Checkpoint the base's layers. Always non-reentrant: the prefix reaches each layer through the
+        attention function, not as a layer input, and only non-reentrant checkpointing sends gradients to it."""
+        kwargs = {**(gradient_checkpointing_kwargs or {}), "use_reentrant": False}
+        self.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.base.gradient_checkpointing_disable()

@@ -1,0 +1,124 @@
+"""The training recipe, top to bottom: set up (data, base model, prefix, trainer), train, evaluate, save."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+from omegaconf import DictConfig, OmegaConf
+from transformers import PreTrainedTokenizerBase, Seq2SeqTrainingArguments, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+
+from ptune.checkpoint import build_prefix, checkpoint_metadata
+from ptune.data import read_examples
+from ptune.features import make_collator, tokenize_file
+from ptune.modeling import load_base_model, load_tokenizer
+from ptune.prefix import PrefixShape, PrefixTunedModel
+from ptune.prompts import PromptFormat
+from ptune.trainer import PrefixTrainer
+
+logger = logging.getLogger(__name__)
+
+
+def load_split(
+    dataset_cfg: DictConfig, split_file: str, tokenizer: PreTrainedTokenizerBase, prompt_format: PromptFormat
+) -> datasets.Dataset:
+    """Read one split (``dataset.train_file`` or ``dataset.validation_file``) and tokenise it (cached)."""
+    path = Path(dataset_cfg.dir).expanduser() / split_file
+    read = read_examples(
+        path,
+        prompt_column=dataset_cfg.prompt_column,
+        response_column=dataset_cfg.response_column,
+        history_column=dataset_cfg.history_column,
+        encoding=dataset_cfg.encoding,
+    )
+    logger.info("%s: %d rows (%d skipped: empty prompt or answer)", path, len(read.examples), read.skipped_empty)
+    return tokenize_file(
+        path,
+        read.examples,
+        tokenizer,
+        prompt_format,
+        dataset_cfg.max_source_length,
+        dataset_cfg.max_target_length,
+        dataset_cfg.cache_dir,
+    )
+
+
+def _first(dataset: datasets.Dataset, limit: int | None) -> datasets.Dataset:
+    return dataset.select(range(min(limit, len(dataset)))) if limit else dataset
+
+
+def resolve_resume(resume: str | None, output_dir: str) -> str | None:
+    """``resume=auto``: the newest ``checkpoint-N`` in this run's directory (a fresh start if there is none);
+    ``resume=PATH``: that checkpoint folder, or the newest checkpoint of that run folder."""
+    if resume in (None, "", False):
+        return None
+    folder = Path(output_dir if resume == "auto" else resume).expanduser()
+    if resume != "auto" and not folder.is_dir():
+        raise FileNotFoundError(f"resume={resume}: no such folder")
+    if folder.name.startswith("checkpoint-"):
+        return str(folder)
+    last = get_last_checkpoint(str(folder))
+    if last is None and resume != "auto":
+        raise FileNotFoundError(f"resume={resume}: no checkpoint-N folder in it")
+    if last is None:
+        logger.info("resume=auto: no checkpoint in %s, starting fresh", folder)
+    return last
+
+
+def training_arguments(cfg: DictConfig, output_dir: str) -> Seq2SeqTrainingArguments:
+    """The ``trainer`` config group passes straight to ``Seq2SeqTrainingArguments``; these few are fixed."""
+    options: dict[str, Any] = OmegaConf.to_container(cfg.trainer, resolve=True)
+    if options.get("eval_steps") is None:
+        options["eval_steps"] = options["save_steps"]
+    return Seq2SeqTrainingArguments(
+        output_dir=output_dir,
+        seed=cfg.seed,
+        eval_strategy="steps",
+        eval_on_start=True,  # the untrained prefix's eval loss, as the first point of the curve
+        save_strategy="steps",
+        label_names=["labels"],  # the wrapper's forward(**kwargs) hides them from the trainer's inspection
+        remove_unused_columns=False,  # the model's forward takes **kwargs; keep input_ids/labels as they are
+        predict_with_generate=False,  # eval loss only; generation metrics are evaluate.py's job
+        **options,
+    )
+
+
+def train(cfg: DictConfig, output_dir: str) -> float:
+    """Train a prefix as ``cfg`` says, writing into ``output_dir``; return the final eval loss."""
+    # -- set up -------------------------------------------------------------------------------------------------
+    if cfg.torch_threads:
+        torch.set_num_threads(cfg.torch_threads)
+    set_seed(cfg.seed)
+    tokenizer = load_tokenizer(cfg.model.path)
+    prompt_format = PromptFormat.from_config(cfg.model.prompt)
+    train_set = _first(load_split(cfg.dataset, cfg.dataset.train_file, tokenizer, prompt_format), cfg.max_train_samples)
+    eval_set = _first(
+        load_split(cfg.dataset, cfg.dataset.validation_file, tokenizer, prompt_format), cfg.max_eval_samples
+    )
+    base = load_base_model(cfg.model.path, cfg.model.dtype)
+    prefix = build_prefix(PrefixShape.from_config(base.config), cfg.prefix, base.config.hidden_size)
+    model = PrefixTunedModel(base, prefix)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    logger.info("base %s frozen; prefix: %s trainable parameters", cfg.model.path, f"{trainable:,}")
+    trainer = PrefixTrainer(
+        model=model,
+        args=training_arguments(cfg, output_dir),
+        train_dataset=train_set,
+        eval_dataset=eval_set,
+        data_collator=make_collator(tokenizer, cfg.dataset.pad_to_multiple_of),
+        processing_class=tokenizer,
+        checkpoint_metadata=checkpoint_metadata(prefix, cfg.model.path, OmegaConf.to_container(cfg, resolve=True)),
+    )
+    # -- train --------------------------------------------------------------------------------------------------
+    trainer.train(resume_from_checkpoint=resolve_resume(cfg.resume, output_dir))
+    # -- evaluate and save --------------------------------------------------------------------------------------
+    evals = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
+    final_step_evaluated = evals and evals[-1]["step"] == trainer.state.global_step
+    metrics = evals[-1] if final_step_evaluated else trainer.evaluate()
+    trainer.save_state()  # trainer_state.json in the run folder: the whole log history, first eval to last
+    logger.info("final eval loss %.4f; checkpoints in %s", metrics["eval_loss"], output_dir)
+    return float(metrics["eval_loss"])

@@ -127,8 +127,7 @@ def _read_text(path: str | os.PathLike, encoding: str) -> str:
         text = raw.decode(encoding)
     except LookupError:
         raise DataError(
-            f"{path}: unknown encoding {encoding!r}. Set dataset.encoding to a Python codec name, e.g. "
-            f"utf-8 or gbk."
+            f"{path}: unknown encoding {encoding!r}. Set dataset.encoding to a Python codec name, e.g. utf-8 or gbk."
         ) from None
     except UnicodeDecodeError as e:
         line = raw.count(b"\n", 0, e.start) + 1
@@ -211,9 +210,7 @@ def _type_name(value: Any) -> str:
     )
 
 
-def _to_example(
-    path: str | os.PathLike, where: str, row: Any, columns: tuple[str, str, str | None]
-) -> Example | None:
+def _to_example(path: str | os.PathLike, where: str, row: Any, columns: tuple[str, str, str | None]) -> Example | None:
     """Validate one parsed row; ``None`` when its prompt or response is empty."""
     if not isinstance(row, dict):
         raise DataError(
@@ -254,9 +251,7 @@ def _get(path: str | os.PathLike, where: str, row: dict, column: str, role: str)
 def _parse_history(path: str | os.PathLike, where: str, column: str, raw: Any) -> tuple[tuple[str, str], ...]:
     hint = 'a list of [query, answer] string pairs, e.g. [["q1", "a1"], ["q2", "a2"]]'
     if not isinstance(raw, list):
-        raise DataError(
-            f"{path}:{where}: '{column}' (the history column) must be {hint}; got a {_type_name(raw)}."
-        )
+        raise DataError(f"{path}:{where}: '{column}' (the history column) must be {hint}; got a {_type_name(raw)}.")
     turns = []
     for i, turn in enumerate(raw):
         if (
@@ -267,8 +262,7 @@ def _parse_history(path: str | os.PathLike, where: str, column: str, raw: Any) -
         ):
             shown = json.dumps(turn, ensure_ascii=False)[:80]
             raise DataError(
-                f"{path}:{where}: '{column}' (the history column) entry {i} is {shown}; the history must be "
-                f"{hint}."
+                f"{path}:{where}: '{column}' (the history column) entry {i} is {shown}; the history must be {hint}."
             )
         turns.append((turn[0], turn[1]))
     return tuple(turns)

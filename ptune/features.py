@@ -55,8 +55,8 @@ def encode_examples(
     )["input_ids"]
     eos = [tokenizer.eos_token_id]
     return {
-        "input_ids": [p + a + eos for p, a in zip(prompt_ids, answer_ids)],
-        "labels": [[IGNORE_INDEX] * len(p) + a + eos for p, a in zip(prompt_ids, answer_ids)],
+        "input_ids": [p + a + eos for p, a in zip(prompt_ids, answer_ids, strict=True)],
+        "labels": [[IGNORE_INDEX] * len(p) + a + eos for p, a in zip(prompt_ids, answer_ids, strict=True)],
     }
 
 

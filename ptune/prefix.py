@@ -128,9 +128,7 @@ def prefix_sdpa_attention(module, query, key, value, attention_mask, **kwargs):
     """transformers' SDPA attention, with the layer's prefix keys/values in front of the real ones."""
     active: _ActivePrefix | None = getattr(module, "_ptune_prefix", None)
     if active is not None and active.kv is not None:
-        key, value, attention_mask = _prepend_prefix(
-            active.kv[module.layer_idx], query, key, value, attention_mask
-        )
+        key, value, attention_mask = _prepend_prefix(active.kv[module.layer_idx], query, key, value, attention_mask)
         kwargs.pop("is_causal", None)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 

@@ -30,9 +30,7 @@ class PromptFormat:
             return cls(kind=kind, turn="", query="")
         if kind == "template":
             return cls(kind=kind, turn=cfg["turn"], query=cfg["query"])
-        raise ValueError(
-            f"model.prompt.kind={kind!r} is not a prompt format; use chatglm2, chat_template or template"
-        )
+        raise ValueError(f"model.prompt.kind={kind!r} is not a prompt format; use chatglm2, chat_template or template")
 
     @property
     def text_has_special_tokens(self) -> bool:
@@ -60,8 +58,6 @@ class PromptFormat:
                 ]
             messages.append({"role": "user", "content": query})
             return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        rounds = [
-            self.turn.format(index=i, query=q, response=r) for i, (q, r) in enumerate(history, start=1)
-        ]
+        rounds = [self.turn.format(index=i, query=q, response=r) for i, (q, r) in enumerate(history, start=1)]
         rounds.append(self.query.format(index=len(history) + 1, query=query))
         return "".join(rounds)

@@ -193,9 +193,7 @@ def _encode(value: Any, path: tuple[Any, ...], sink: TensorSink | None) -> Any:
         if all(isinstance(k, str) for k in value) and not _TAGS.intersection(value):
             return {k: _encode(v, (*path, k), sink) for k, v in value.items()}
         return {_TAG_DICT: [[_encode(k, path, None), _encode(v, (*path, k), sink)] for k, v in value.items()]}
-    raise TypeError(
-        f"Cannot store value of type {type(value).__name__} at {'.'.join(map(str, path)) or '<root>'}"
-    )
+    raise TypeError(f"Cannot store value of type {type(value).__name__} at {'.'.join(map(str, path)) or '<root>'}")
 
 
 def _decode(value: Any, tensors: dict[str, torch.Tensor] | None) -> Any:

@@ -48,7 +48,9 @@ class PrefixTrainer(Seq2SeqTrainer):
     # -- the checkpoint's content -------------------------------------------------------------------------------
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         if self.args.should_save:
-            save_prefix_checkpoint(output_dir or self.args.output_dir, self.prefix_model.prefix, self.checkpoint_metadata)
+            save_prefix_checkpoint(
+                output_dir or self.args.output_dir, self.prefix_model.prefix, self.checkpoint_metadata
+            )
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         load_prefix_weights(resume_from_checkpoint, self.prefix_model.prefix)

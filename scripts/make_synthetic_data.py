@@ -139,9 +139,7 @@ def make_summary(rng: random.Random, item_type: str, attrs: list[tuple[str, str]
         parts = [opening, *clauses, closing]
         k = max(1, min(n_sentences, len(parts) // 2))
         cuts = sorted(rng.sample(range(2, len(parts) - 1), k - 1)) if k > 1 else []
-        sentences = [
-            "，".join(parts[a:b]) + "。" for a, b in zip([0, *cuts], [*cuts, len(parts)], strict=True)
-        ]
+        sentences = ["，".join(parts[a:b]) + "。" for a, b in zip([0, *cuts], [*cuts, len(parts)], strict=True)]
         text = "".join(sentences)
         if len(text) > MAX_SUMMARY and len(clauses) > 1:
             clauses.pop()
@@ -244,9 +242,7 @@ def generate(out: Path) -> list[Path]:
 def main(argv: list[str] | None = None) -> None:
     default_out = Path(__file__).resolve().parent.parent / "data"
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--out", type=Path, default=default_out, help=f"output directory (default: {default_out})"
-    )
+    parser.add_argument("--out", type=Path, default=default_out, help=f"output directory (default: {default_out})")
     args = parser.parse_args(argv)
     for path in generate(args.out):
         print(path)

@@ -47,9 +47,7 @@ def test_reads_jsonl_with_blank_lines(tmp_path):
 
 
 def test_reads_crlf_bom_and_no_trailing_newline(tmp_path):
-    f = write(
-        tmp_path / "a.json", '\ufeff{"prompt": "p1", "response": "r1"}\r\n{"prompt": "p2", "response": "r2"}'
-    )
+    f = write(tmp_path / "a.json", '\ufeff{"prompt": "p1", "response": "r1"}\r\n{"prompt": "p2", "response": "r2"}')
     assert [e.prompt for e in read(f).examples] == ["p1", "p2"]
 
 
@@ -63,10 +61,7 @@ def test_reads_json_list(tmp_path):
     f = write(tmp_path / "list.json", json.dumps(rows, indent=2))
     result = read(f)
     assert [e.prompt for e in result.examples] == ["p0", "p1", "p2"]
-    assert (
-        write(tmp_path / "one_line.json", json.dumps(rows))
-        and len(read(tmp_path / "one_line.json").examples) == 3
-    )
+    assert write(tmp_path / "one_line.json", json.dumps(rows)) and len(read(tmp_path / "one_line.json").examples) == 3
 
 
 def test_history_parsing(tmp_path):
@@ -133,9 +128,7 @@ def test_data_error_is_value_error():
 
 
 def test_invalid_json_line(tmp_path):
-    f = write(
-        tmp_path / "bad.json", jsonl({"prompt": "p", "response": "r"}) + "\n" + '{"prompt": "p", "resp\n'
-    )
+    f = write(tmp_path / "bad.json", jsonl({"prompt": "p", "response": "r"}) + "\n" + '{"prompt": "p", "resp\n')
     msg = error(f)
     assert f"{f}:3:" in msg
     assert "not valid JSON" in msg
@@ -242,9 +235,7 @@ def test_empty_json_list(tmp_path):
 
 
 def test_no_usable_rows(tmp_path, caplog):
-    f = write(
-        tmp_path / "blank.json", jsonl({"prompt": " ", "response": "r"}, {"prompt": "p", "response": ""})
-    )
+    f = write(tmp_path / "blank.json", jsonl({"prompt": " ", "response": "r"}, {"prompt": "p", "response": ""}))
     with caplog.at_level(logging.WARNING, logger="ptune.data"):
         msg = error(f)
     assert str(f) in msg and "no usable rows" in msg and "2" in msg
@@ -353,9 +344,7 @@ def test_synthetic_character_inventory_is_small():
 
 
 def test_regenerating_gives_identical_files(tmp_path):
-    spec = importlib.util.spec_from_file_location(
-        "make_synthetic_data", REPO / "scripts" / "make_synthetic_data.py"
-    )
+    spec = importlib.util.spec_from_file_location("make_synthetic_data", REPO / "scripts" / "make_synthetic_data.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     module.main(["--out", str(tmp_path)])

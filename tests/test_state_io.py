@@ -55,9 +55,7 @@ OPTIMIZERS = {
         lr=1e-2,
         foreach=False,
     ),
-    "sgd_momentum": lambda params: torch.optim.SGD(
-        params, lr=5e-2, momentum=0.9, nesterov=True, foreach=False
-    ),
+    "sgd_momentum": lambda params: torch.optim.SGD(params, lr=5e-2, momentum=0.9, nesterov=True, foreach=False),
 }
 
 

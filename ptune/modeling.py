@@ -25,6 +25,12 @@ def check_model_dir(path: str | Path) -> Path:
         raise FileNotFoundError(f"model.path={path}: no such directory. Point model.path at a local model folder.")
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"model.path={path}: no config.json in this folder; is it a Hugging Face model?")
+    model_type = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_type")
+    if model_type == "chatglm":
+        raise NotImplementedError(
+            f"model.path={path}: this is an original ChatGLM folder (model_type 'chatglm', remote code), which "
+            "current transformers cannot load; converting it to the native GLM classes is not implemented yet."
+        )
     return folder
 
 

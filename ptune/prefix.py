@@ -182,11 +182,16 @@ class PrefixTunedModel(nn.Module):
     def generate(self, *args, **kwargs):
         return self.base.generate(*args, **kwargs)
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
-        """Checkpoint the base's layers. Always non-reentrant: the prefix reaches each layer through the
-        attention function, not as a layer input, and only non-reentrant checkpointing sends gradients to it."""
-        kwargs = {**(gradient_checkpointing_kwargs or {}), "use_reentrant": False}
-        self.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    def activation_checkpointing_enable(
+        self, activation_checkpointing_kwargs: dict | None = None, every_n_layers: int = 1, offload: bool = False
+    ) -> None:
+        """Gradient (activation) checkpointing of the base's layers. Always non-reentrant: the prefix reaches each
+        layer through the attention function, not as a layer input, and only non-reentrant checkpointing sends
+        gradients to it."""
+        kwargs = {**(activation_checkpointing_kwargs or {}), "use_reentrant": False}
+        self.base.activation_checkpointing_enable(
+            activation_checkpointing_kwargs=kwargs, every_n_layers=every_n_layers, offload=offload
+        )
 
-    def gradient_checkpointing_disable(self) -> None:
-        self.base.gradient_checkpointing_disable()
+    def activation_checkpointing_disable(self) -> None:
+        self.base.activation_checkpointing_disable()

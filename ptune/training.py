@@ -72,6 +72,10 @@ def resolve_resume(resume: str | None, output_dir: str) -> str | None:
 def training_arguments(cfg: DictConfig, output_dir: str) -> Seq2SeqTrainingArguments:
     """The ``trainer`` config group passes straight to ``Seq2SeqTrainingArguments``; these few are fixed."""
     options: dict[str, Any] = OmegaConf.to_container(cfg.trainer, resolve=True)
+    if not (torch.cuda.is_available() or torch.backends.mps.is_available()):
+        # CPU only: says so to accelerate, which otherwise runs torchrun ranks as independent jobs (no gloo DDP)
+        options.setdefault("use_cpu", True)
+        options.setdefault("dataloader_pin_memory", False)
     if options.get("eval_steps") is None:
         options["eval_steps"] = options["save_steps"]
     return Seq2SeqTrainingArguments(
@@ -87,35 +91,35 @@ def training_arguments(cfg: DictConfig, output_dir: str) -> Seq2SeqTrainingArgum
     )
 
 
-def train(cfg: DictConfig, output_dir: str) -> float:
-    """Train a prefix as ``cfg`` says, writing into ``output_dir``; return the final eval loss."""
-    # -- set up -------------------------------------------------------------------------------------------------
+def build_trainer(cfg: DictConfig, output_dir: str) -> PrefixTrainer:
+    """Everything before the first step: data, frozen base, fresh prefix, and the trainer around them."""
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.model.path)
     prompt_format = PromptFormat.from_config(cfg.model.prompt)
-    train_set = _first(load_split(cfg.dataset, cfg.dataset.train_file, tokenizer, prompt_format), cfg.max_train_samples)
-    eval_set = _first(
-        load_split(cfg.dataset, cfg.dataset.validation_file, tokenizer, prompt_format), cfg.max_eval_samples
-    )
+    train_set = load_split(cfg.dataset, cfg.dataset.train_file, tokenizer, prompt_format)
+    eval_set = load_split(cfg.dataset, cfg.dataset.validation_file, tokenizer, prompt_format)
     base = load_base_model(cfg.model.path, cfg.model.dtype)
     prefix = build_prefix(PrefixShape.from_config(base.config), cfg.prefix, base.config.hidden_size)
     model = PrefixTunedModel(base, prefix)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     logger.info("base %s frozen; prefix: %s trainable parameters", cfg.model.path, f"{trainable:,}")
-    trainer = PrefixTrainer(
+    return PrefixTrainer(
         model=model,
         args=training_arguments(cfg, output_dir),
-        train_dataset=train_set,
-        eval_dataset=eval_set,
+        train_dataset=_first(train_set, cfg.max_train_samples),
+        eval_dataset=_first(eval_set, cfg.max_eval_samples),
         data_collator=make_collator(tokenizer, cfg.dataset.pad_to_multiple_of),
         processing_class=tokenizer,
         checkpoint_metadata=checkpoint_metadata(prefix, cfg.model.path, OmegaConf.to_container(cfg, resolve=True)),
     )
-    # -- train --------------------------------------------------------------------------------------------------
+
+
+def train(cfg: DictConfig, output_dir: str) -> float:
+    """Train a prefix as ``cfg`` says, writing into ``output_dir``; return the final eval loss."""
+    trainer = build_trainer(cfg, output_dir)
     trainer.train(resume_from_checkpoint=resolve_resume(cfg.resume, output_dir))
-    # -- evaluate and save --------------------------------------------------------------------------------------
     evals = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
     final_step_evaluated = evals and evals[-1]["step"] == trainer.state.global_step
     metrics = evals[-1] if final_step_evaluated else trainer.evaluate()

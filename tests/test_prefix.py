@@ -1,0 +1,168 @@
+"""The prefix on two architectures (GLM, Llama) and with MQA/GQA: shapes, positions, masks, checkpointing, generate."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ptune.prefix as prefix_module
+from ptune.prefix import PrefixEncoder, PrefixShape, PrefixTunedModel
+from tests.conftest import tiny_config
+
+LENGTH = 5
+
+
+def build(arch: str, kv_heads: int = 2, projection: bool = False, seed: int = 0) -> PrefixTunedModel:
+    torch.manual_seed(seed)
+    model_cls, config = tiny_config(arch, vocab_size=97, kv_heads=kv_heads)
+    base = model_cls(config).eval()
+    prefix = PrefixEncoder(PrefixShape.from_config(config), LENGTH, projection=projection, projection_hidden_size=24)
+    with torch.no_grad():  # a prefix large enough to matter, so the tests below can fail
+        prefix.embedding.weight.normal_(0, 1.0)
+    return PrefixTunedModel(base, prefix).eval()
+
+
+ARCHS = [("glm", 2), ("llama", 2), ("llama", 1), ("glm", 4)]
+
+
+def batch(seed: int = 1):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 97, (3, 9), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding
+    mask[2, :1] = 0
+    return ids, mask
+
+
+@pytest.mark.parametrize(("arch", "kv_heads"), ARCHS)
+@pytest.mark.parametrize("projection", [False, True])
+def test_prefix_shape_follows_the_config(arch, kv_heads, projection):
+    model = build(arch, kv_heads, projection)
+    kv = model.prefix()
+    assert kv.shape == (2, 2, kv_heads, LENGTH, 16)  # layers, key/value, kv heads, length, head dim
+    assert model.prefix.embedding.weight.shape == (LENGTH, 2 * 2 * kv_heads * 16)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    expected = {"prefix.embedding.weight"} | (
+        {"prefix.trans.0.weight", "prefix.trans.0.bias", "prefix.trans.2.weight", "prefix.trans.2.bias"}
+        if projection
+        else set()
+    )
+    assert trainable == expected
+
+
+def test_prefix_row_layout_is_layer_then_key_value_then_head_then_channel():
+    model = build("glm")
+    with torch.no_grad():
+        model.prefix.embedding.weight.copy_(torch.arange(LENGTH * 128, dtype=torch.float).view(LENGTH, 128))
+    kv = model.prefix()
+    # row 3, layer 1, value (1), head 0, channel 5 -> column ((1 * 2 + 1) * 2 + 0) * 16 + 5
+    assert kv[1, 1, 0, 3, 5].item() == 3 * 128 + ((1 * 2 + 1) * 2 + 0) * 16 + 5
+
+
+@pytest.mark.parametrize(("arch", "kv_heads"), ARCHS)
+def test_prefix_changes_the_output(arch, kv_heads):
+    model = build(arch, kv_heads)
+    ids, mask = batch()
+    with torch.no_grad():
+        with_prefix = model(input_ids=ids, attention_mask=mask).logits
+        model._active.kv = None  # what the bare base computes
+        bare = model.base.__class__.forward(model.base, input_ids=ids, attention_mask=mask).logits
+    assert not torch.allclose(with_prefix, bare, atol=1e-3)
+
+
+@pytest.mark.parametrize("arch", ["glm", "llama"])
+def test_real_tokens_keep_positions_from_zero(arch):
+    model = build(arch)
+    seen = []
+    model.base.model.rotary_emb.register_forward_hook(
+        lambda m, args, kwargs, out: seen.append(kwargs.get("position_ids", args[-1])), with_kwargs=True
+    )
+    ids, _ = batch()
+    with torch.no_grad():
+        model(input_ids=ids)
+    assert torch.equal(seen[0].squeeze(0), torch.arange(ids.shape[1]))
+
+
+@pytest.mark.parametrize("arch", ["glm", "llama"])
+def test_prefix_keys_are_unrotated_and_visible_to_every_token(arch, monkeypatch):
+    model = build(arch)
+    calls = []
+    real_sdpa = prefix_module.sdpa_attention_forward
+
+    def spy(module, query, key, value, attention_mask, **kwargs):
+        calls.append((module.layer_idx, key.detach().clone(), value.detach().clone(), attention_mask.clone()))
+        return real_sdpa(module, query, key, value, attention_mask, **kwargs)
+
+    monkeypatch.setattr(prefix_module, "sdpa_attention_forward", spy)
+    ids, mask = batch()
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+        kv = model.prefix()
+    assert [c[0] for c in calls] == [0, 1]
+    for layer, key, value, attention_mask in calls:
+        expected_key = kv[layer, 0].unsqueeze(0).expand(ids.shape[0], -1, -1, -1)
+        assert torch.equal(key[:, :, :LENGTH], expected_key)  # exactly the table: no rotary applied
+        assert torch.equal(value[:, :, :LENGTH], kv[layer, 1].unsqueeze(0).expand(ids.shape[0], -1, -1, -1))
+        assert attention_mask.shape[-1] == LENGTH + ids.shape[1]
+        assert attention_mask[..., :LENGTH].all()  # every query (padding rows too) sees every prefix position
+        # after the prefix: causal and padding-aware as without a prefix
+        real = attention_mask[..., LENGTH:]
+        assert not real[1, 0, 5, :3].any() and real[1, 0, 5, 3:6].all() and not real[1, 0, 5, 6:].any()
+
+
+@pytest.mark.parametrize(("arch", "kv_heads"), ARCHS)
+def test_gradient_checkpointing_gives_equal_gradients(arch, kv_heads):
+    model = build(arch, kv_heads, projection=True).train()
+    ids, mask = batch()
+    labels = ids.masked_fill(mask == 0, -100)
+
+    def grads():
+        model.zero_grad()
+        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    plain = grads()
+    model.activation_checkpointing_enable()
+    assert model.base.is_activation_checkpointing
+    checkpointed = grads()
+    assert set(plain) == set(checkpointed)
+    for name, grad in plain.items():
+        assert grad.abs().sum() > 0, name
+        assert torch.allclose(grad, checkpointed[name], rtol=1e-5, atol=1e-7), name
+    assert all(p.grad is None for p in model.base.parameters())
+
+
+@pytest.mark.parametrize(("arch", "kv_heads"), ARCHS)
+def test_batched_generate_equals_stepwise_forward(arch, kv_heads):
+    model = build(arch, kv_heads)
+    ids, mask = batch()
+    steps = 6
+    with torch.no_grad():
+        generated = model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=steps, do_sample=False, pad_token_id=0, eos_token_id=None
+        )
+        # reference: full forward passes without a cache, one token at a time, positions from the mask
+        tokens, attention = ids, mask
+        for _ in range(steps):
+            positions = (attention.cumsum(-1) - 1).clamp(min=0)
+            logits = model(input_ids=tokens, attention_mask=attention, position_ids=positions, use_cache=False).logits
+            next_token = logits[:, -1].argmax(-1, keepdim=True)
+            tokens = torch.cat([tokens, next_token], dim=1)
+            attention = torch.cat([attention, torch.ones_like(next_token)], dim=1)
+    assert torch.equal(generated, tokens)
+
+
+def test_left_padding_does_not_change_a_row():
+    model = build("glm")
+    ids, mask = batch()
+    with torch.no_grad():
+        alone = model(input_ids=ids[1:2, 3:]).logits
+        padded = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
+    assert torch.allclose(alone[0], padded[1, 3:], atol=1e-5)
+
+
+def test_prefix_from_another_model_is_refused():
+    model_cls, config = tiny_config("glm", vocab_size=97, kv_heads=1)
+    prefix = PrefixEncoder(PrefixShape(num_layers=2, num_kv_heads=2, head_dim=16), LENGTH)
+    with pytest.raises(ValueError, match="belongs to another model"):
+        PrefixTunedModel(model_cls(config), prefix)

@@ -1,0 +1,229 @@
+"""End to end on the built-in default: learning, frozen base, checkpoints, resume, sweeps, torchrun, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ptune.checkpoint import META_FILE, PREFIX_FILE, build_prefix, load_prefix_weights, read_metadata
+from ptune.data import DataError
+from ptune.modeling import config_sha256
+from ptune.prefix import PrefixShape
+from ptune.trainer import PrefixTrainer
+from ptune.training import build_trainer, train
+from tests.conftest import FAST, REPO, SHARED, TINY_GLM, compose_train
+
+
+def history(run_dir: Path) -> list[dict]:
+    return json.loads((run_dir / "trainer_state.json").read_text())["log_history"]
+
+
+def test_default_run_learns_and_leaves_the_base_untouched(tmp_path):
+    """`python train.py` as shipped: the eval loss falls by at least 20% from the untrained prefix."""
+    cfg = compose_train("trainer.report_to=[none]", cache_dir=tmp_path / "cache")
+    trainer = build_trainer(cfg, str(tmp_path / "run"))
+    base_before = {k: v.clone() for k, v in trainer.model.base.state_dict().items()}
+    trainer.train()
+    trainer.save_state()
+    evals = [h["eval_loss"] for h in history(tmp_path / "run") if "eval_loss" in h]
+    assert history(tmp_path / "run")[0]["step"] == 0 and "eval_loss" in history(tmp_path / "run")[0]
+    assert evals[-1] <= 0.8 * evals[0], evals
+    base_after = trainer.model.base.state_dict()
+    assert base_before.keys() == base_after.keys()
+    assert all(torch.equal(base_before[k], base_after[k]) for k in base_before)
+
+
+def test_checkpoint_holds_the_prefix_and_what_rebuilds_it(fast_cfg, tmp_path):
+    run = tmp_path / "run"
+    loss = train(fast_cfg("prefix.projection=true", "prefix.projection_hidden_size=8"), str(run))
+    assert loss == pytest.approx([h for h in history(run) if "eval_loss" in h][-1]["eval_loss"])
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith("checkpoint-")) == ["checkpoint-3", "checkpoint-6"]
+    assert not (run / ".staging").exists()
+    ckpt = run / "checkpoint-6"
+    names = sorted(p.name for p in ckpt.iterdir())
+    assert names == sorted(
+        [
+            PREFIX_FILE,
+            META_FILE,
+            "optimizer.safetensors",
+            "optimizer.json",
+            "scheduler.json",
+            "rng_state.safetensors",
+            "rng_state.json",
+            "trainer_state.json",
+        ]
+    )
+    # only the prefix, never base weights: embedding + both projection layers
+    saved = load_file(str(ckpt / PREFIX_FILE))
+    assert set(saved) == {"embedding.weight", "trans.0.weight", "trans.0.bias", "trans.2.weight", "trans.2.bias"}
+    meta = read_metadata(ckpt)
+    assert meta["base_model"] == {"path": str(TINY_GLM.resolve()), "config_sha256": config_sha256(TINY_GLM)}
+    assert meta["prefix"]["length"] == 16 and meta["prefix"]["projection"] is True
+    assert meta["config"]["dataset"]["max_target_length"] == 128
+    assert meta["config"]["model"]["prompt"]["kind"] == "chatglm2"
+    # round trip: rebuilt from the metadata alone, the weights load and equal the saved ones
+    p = meta["prefix"]
+    rebuilt = build_prefix(PrefixShape(**p["shape"]), p, hidden_size=0)
+    load_prefix_weights(ckpt, rebuilt)
+    assert all(torch.equal(rebuilt.state_dict()[k], v) for k, v in saved.items())
+    # the run folder: resolved config, log with the loss lines, TensorBoard off here, trainer state
+    assert (run / "trainer_state.json").exists()
+
+
+def test_checkpoint_of_another_prefix_is_refused(fast_cfg, tmp_path):
+    train(fast_cfg(), str(tmp_path / "run"))
+    other = build_prefix(PrefixShape(2, 2, 16), {"length": 8, "projection": False}, hidden_size=64)
+    with pytest.raises(ValueError, match="does not fit"):
+        load_prefix_weights(tmp_path / "run" / "checkpoint-6", other)
+    with pytest.raises(FileNotFoundError, match="not a ptune checkpoint"):
+        load_prefix_weights(tmp_path, other)
+
+
+def test_resume_continues_exactly(fast_cfg, tmp_path):
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    train(fast_cfg(), str(full))
+    train(fast_cfg(f"resume={full / 'checkpoint-3'}"), str(resumed))
+
+    def losses_after_3(run):
+        return {h["step"]: h["loss"] for h in history(run) if "loss" in h and h["step"] > 3}
+
+    assert sorted(losses_after_3(full)) == [4, 5, 6]
+    assert losses_after_3(resumed) == pytest.approx(losses_after_3(full), rel=1e-6, abs=1e-7)
+    assert load_file(str(full / "checkpoint-6" / PREFIX_FILE)).keys() == {"embedding.weight"}
+    a = load_file(str(full / "checkpoint-6" / PREFIX_FILE))["embedding.weight"]
+    b = load_file(str(resumed / "checkpoint-6" / PREFIX_FILE))["embedding.weight"]
+    assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_resume_auto_picks_the_newest_checkpoint_of_the_run(fast_cfg, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    train(fast_cfg("resume=auto", "max_steps=3"), str(run))  # nothing to resume: a fresh start
+    loaded = []
+    original = PrefixTrainer._load_optimizer_and_scheduler
+
+    def spy(self, checkpoint):
+        loaded.append(checkpoint)
+        return original(self, checkpoint)
+
+    monkeypatch.setattr(PrefixTrainer, "_load_optimizer_and_scheduler", spy)
+    train(fast_cfg("resume=auto"), str(run))
+    assert loaded == [str(run / "checkpoint-3")]
+    assert [h["step"] for h in history(run) if "loss" in h] == [1, 2, 3, 4, 5, 6]
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        train(fast_cfg(f"resume={tmp_path / 'nowhere'}"), str(tmp_path / "other"))
+
+
+def test_bad_data_line_names_file_and_line(fast_cfg, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.json").write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a", "response": \n', "utf-8")
+    (data / "dev.json").write_text('{"prompt": "a", "response": "b"}\n', "utf-8")
+    with pytest.raises(DataError, match=r"train\.json:2"):
+        train(fast_cfg("dataset=jsonl", f"dataset.dir={data}"), str(tmp_path / "run"))
+
+
+def test_missing_model_folder_says_which_key(fast_cfg, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"model\.path=.*no such directory"):
+        train(fast_cfg(f"model.path={tmp_path / 'nope'}"), str(tmp_path / "run"))
+
+
+def test_multi_turn_data_trains(fast_cfg, tmp_path):
+    loss = train(fast_cfg("dataset=synthetic_chat", "max_steps=2", "save_steps=2"), str(tmp_path / "run"))
+    assert loss == loss  # a number, not NaN
+    assert (tmp_path / "run" / "checkpoint-2" / PREFIX_FILE).exists()
+
+
+def test_other_architecture_trains(fast_cfg, tmp_path, llama_dir):
+    run = tmp_path / "run"
+    train(fast_cfg(f"model.path={llama_dir}", "max_steps=3"), str(run))
+    evals = [h["eval_loss"] for h in history(run) if "eval_loss" in h]
+    assert evals[-1] < evals[0]
+
+
+@pytest.mark.skipif(not (SHARED / "data/advertisegen/train_5k.json").exists(), reason="../shared is absent")
+def test_a_few_steps_on_real_advertisegen_lines(fast_cfg, tmp_path):
+    run = tmp_path / "run"
+    cfg = fast_cfg(
+        "dataset=advertisegen",
+        f"dataset.dir={SHARED / 'data/advertisegen'}",
+        "dataset.train_file=train_5k.json",
+        "max_steps=3",
+    )
+    train(cfg, str(run))
+    losses = [h["loss"] for h in history(run) if "loss" in h]
+    assert len(losses) == 3 and all(x == x for x in losses)
+
+
+def run_cli(*args: str, cwd: Path, env_extra: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    return subprocess.run([*args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def test_multirun_two_by_two(tmp_path):
+    """`python train.py -m prefix.length=2,4 learning_rate=1e-2,2e-2`: four jobs, four folders."""
+    sweep = tmp_path / "sweep"
+    overrides = [o for o in FAST if not o.startswith(("max_steps", "save_steps"))]
+    result = run_cli(
+        sys.executable,
+        str(REPO / "train.py"),
+        "-m",
+        "prefix.length=2,4",
+        "learning_rate=1e-2,2e-2",
+        "max_steps=2",
+        "save_steps=2",
+        *overrides,
+        f"dataset.cache_dir={tmp_path / 'cache'}",
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit())
+    assert [p.name for p in jobs] == ["0", "1", "2", "3"]
+    seen = set()
+    for job in jobs:
+        assert (job / "checkpoint-2" / PREFIX_FILE).exists()
+        assert (job / ".hydra" / "config.yaml").exists()
+        meta = read_metadata(job / "checkpoint-2")
+        seen.add((meta["prefix"]["length"], meta["config"]["learning_rate"]))
+        assert "step 2" in (job / "train.log").read_text()  # the loss lines reach the log file
+    assert seen == {(2, 1e-2), (2, 2e-2), (4, 1e-2), (4, 2e-2)}
+
+
+def test_torchrun_ranks_share_one_run_folder(tmp_path):
+    torchrun = Path(sys.executable).with_name("torchrun")
+    result = run_cli(
+        str(torchrun),
+        "--standalone",
+        "--nproc_per_node=2",
+        str(REPO / "train.py"),
+        *FAST,
+        "max_steps=2",
+        "save_steps=2",
+        "torch_threads=1",
+        f"dataset.cache_dir={tmp_path / 'cache'}",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = [p for p in (tmp_path / "outputs").glob("*/*") if p.is_dir()]
+    assert len(runs) == 1, runs
+    assert (runs[0] / "checkpoint-2" / PREFIX_FILE).exists()
+    state = json.loads((runs[0] / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["global_step"] == 2
+    assert {p.name for p in (runs[0] / "checkpoint-2").glob("rng_state_*.safetensors")} == {
+        "rng_state_0.safetensors",
+        "rng_state_1.safetensors",
+    }
+
+
+def test_help_lists_the_config_groups(tmp_path):
+    result = run_cli(sys.executable, str(REPO / "train.py"), "--help", cwd=tmp_path, timeout=120)
+    assert result.returncode == 0, result.stderr
+    for group in ("dataset:", "model:", "prefix:", "trainer:", "experiment:"):
+        assert group in result.stdout

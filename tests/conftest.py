@@ -34,11 +34,15 @@ FAST = [
 ]
 
 
-def compose_train(*overrides: str, cache_dir: Path | None = None) -> DictConfig:
-    """The real ``conf/train.yaml`` composed with ``overrides`` (as on the command line)."""
-    extra = [f"dataset.cache_dir={cache_dir}"] if cache_dir else []
+def compose_config(name: str, *overrides: str) -> DictConfig:
+    """The real ``conf/NAME.yaml`` composed with ``overrides`` (as on the command line)."""
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return compose(config_name="train", overrides=[*extra, *overrides])
+        return compose(config_name=name, overrides=list(overrides))
+
+
+def compose_train(*overrides: str, cache_dir: Path | None = None) -> DictConfig:
+    extra = [f"dataset.cache_dir={cache_dir}"] if cache_dir else []
+    return compose_config("train", *extra, *overrides)
 
 
 @pytest.fixture

@@ -1,0 +1,76 @@
+"""The one loader for inference: a base model with or without a prefix checkpoint, ready to generate.
+
+The evaluator and every demo load through here, so a checkpoint is read one way: its ``ptune_checkpoint.json``
+says which base model, prefix shape and options, prompt format and lengths to use; nothing is retyped.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from ptune.checkpoint import build_prefix, load_prefix_weights, read_metadata
+from ptune.modeling import config_sha256, load_base_model, load_tokenizer
+from ptune.prefix import PrefixShape, PrefixTunedModel
+from ptune.prompts import PromptFormat
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to generate, with what is needed to prompt it the way it was trained."""
+
+    model: PrefixTunedModel | PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    prompt_format: PromptFormat
+    base_path: str
+    max_source_length: int
+    max_target_length: int
+    checkpoint: str | None = None
+    metadata: dict[str, Any] | None = None
+
+    def load_prefix(self, checkpoint: str | Path) -> None:
+        """Swap in the weights of another checkpoint of the same prefix configuration (no reload of the base)."""
+        if not isinstance(self.model, PrefixTunedModel):
+            raise TypeError("this model was loaded without a prefix")
+        load_prefix_weights(checkpoint, self.model.prefix)
+        self.checkpoint = str(checkpoint)
+        self.metadata = read_metadata(checkpoint)
+
+
+def load_checkpoint(checkpoint: str | Path, base_path: str | None = None, dtype: str | None = None) -> LoadedModel:
+    """Base model + prefix from a ``checkpoint-N`` folder; ``base_path``/``dtype`` override the recorded ones."""
+    meta = read_metadata(checkpoint)
+    config = meta["config"]
+    base = base_path or meta["base_model"]["path"]
+    if not Path(base).is_dir():
+        raise FileNotFoundError(
+            f"{checkpoint}: its base model {base} is not there; give the folder where it now is with model.path=..."
+        )
+    if config_sha256(base) != meta["base_model"]["config_sha256"]:
+        logger.warning("%s was trained on a base whose config.json differs from %s/config.json", checkpoint, base)
+    tokenizer = load_tokenizer(base)
+    model = load_base_model(base, dtype or config["model"]["dtype"])
+    spec = meta["prefix"]
+    prefix = build_prefix(PrefixShape(**spec["shape"]), spec, hidden_size=model.config.hidden_size)
+    try:
+        prefixed = PrefixTunedModel(model, prefix)
+    except ValueError as err:
+        raise ValueError(f"{checkpoint}: {err} ({base}); pass the right base with model.path=...") from err
+    load_prefix_weights(checkpoint, prefix)
+    prefixed.eval()
+    return LoadedModel(
+        model=prefixed,
+        tokenizer=tokenizer,
+        prompt_format=PromptFormat.from_config(config["model"]["prompt"]),
+        base_path=str(base),
+        max_source_length=config["dataset"]["max_source_length"],
+        max_target_length=config["dataset"]["max_target_length"],
+        checkpoint=str(checkpoint),
+        metadata=meta,
+    )

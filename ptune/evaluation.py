@@ -72,6 +72,8 @@ class EvalSet:
 
 
 def load_eval_set(dataset_cfg: dict[str, Any], max_samples: int | None) -> EvalSet:
+    if not dataset_cfg.get("dir"):
+        raise ValueError("the checkpoint records no evaluation data; name it: dataset=advertisegen dataset.dir=...")
     path = Path(dataset_cfg["dir"]).expanduser() / dataset_cfg["validation_file"]
     read = read_examples(
         path,

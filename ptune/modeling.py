@@ -9,6 +9,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from ptune.chatglm2 import is_original_chatglm2, load_chatglm2
+from ptune.chatglm2_tokenizer import build_chatglm2_tokenizer
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -25,12 +28,6 @@ def check_model_dir(path: str | Path) -> Path:
         raise FileNotFoundError(f"model.path={path}: no such directory. Point model.path at a local model folder.")
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"model.path={path}: no config.json in this folder; is it a Hugging Face model?")
-    model_type = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_type")
-    if model_type == "chatglm":
-        raise NotImplementedError(
-            f"model.path={path}: this is an original ChatGLM folder (model_type 'chatglm', remote code), which "
-            "current transformers cannot load; converting it to the native GLM classes is not implemented yet."
-        )
     return folder
 
 
@@ -41,13 +38,21 @@ def config_sha256(path: str | Path) -> str:
 
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
-    return AutoTokenizer.from_pretrained(str(check_model_dir(path)))
+    folder = check_model_dir(path)
+    if is_original_chatglm2(folder):  # its tokenizer class is remote code: rebuilt from tokenizer.model
+        return build_chatglm2_tokenizer(folder / "tokenizer.model")
+    return AutoTokenizer.from_pretrained(str(folder))
 
 
 def load_base_model(path: str | Path, dtype: str = "float32") -> PreTrainedModel:
     """The base causal LM, frozen, in ``dtype`` (bf16/fp16 halve its memory; the prefix always stays fp32)."""
-    model = AutoModelForCausalLM.from_pretrained(
-        str(check_model_dir(path)), dtype=resolve_dtype(dtype), attn_implementation="sdpa"
-    )
+    folder = check_model_dir(path)
+    if is_original_chatglm2(folder):  # an original ChatGLM2 download: converted to the native GLM on load
+        model = load_chatglm2(folder, resolve_dtype(dtype))
+        model.set_attn_implementation("sdpa")
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(folder), dtype=resolve_dtype(dtype), attn_implementation="sdpa"
+        )
     model.requires_grad_(False)
     return model

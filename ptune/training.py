@@ -124,5 +124,8 @@ def train(cfg: DictConfig, output_dir: str) -> float:
     final_step_evaluated = evals and evals[-1]["step"] == trainer.state.global_step
     metrics = evals[-1] if final_step_evaluated else trainer.evaluate()
     trainer.save_state()  # trainer_state.json in the run folder: the whole log history, first eval to last
+    if torch.distributed.is_initialized():  # leave together: a rank exiting early breaks the others' connections
+        trainer.accelerator.wait_for_everyone()
+        torch.distributed.destroy_process_group()
     logger.info("final eval loss %.4f; checkpoints in %s", metrics["eval_loss"], output_dir)
     return float(metrics["eval_loss"])

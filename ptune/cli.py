@@ -1,0 +1,46 @@
+"""The ``ptune`` command: model files and checkpoints (convert, verify, import-ptuning)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ptune", description="ptune: P-tuning v2 tools. Training: train.py.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    convert = commands.add_parser("convert", help="original ChatGLM2 folder -> native GLM folder (safetensors)")
+    convert.add_argument("src", help="the downloaded ChatGLM2-6B folder (config.json, tokenizer.model, *.bin)")
+    convert.add_argument("dst", help="where to write the converted model")
+    verify = commands.add_parser("verify", help="check a ChatGLM2 download: shards present, sizes, SHA256")
+    verify.add_argument("model_dir")
+    imported = commands.add_parser("import-ptuning", help="original P-tuning checkpoint -> ptune checkpoint")
+    imported.add_argument("checkpoint", help="e.g. output/adgen-chatglm2-6b-pt-128-2e-2/checkpoint-3000")
+    imported.add_argument("--base", required=True, help="the ChatGLM2-6B folder it was trained on")
+    imported.add_argument("--out", help="the new ptune checkpoint folder (default: CHECKPOINT-ptune)")
+    imported.add_argument("--max-source-length", type=int, default=64, help="prompt tokens kept (reference: 64)")
+    imported.add_argument("--max-target-length", type=int, default=128, help="answer tokens (reference: 128)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    from ptune import chatglm2
+
+    try:
+        if args.command == "convert":
+            chatglm2.convert_folder(args.src, args.dst)
+            print(f"converted {args.src} -> {args.dst}")
+        elif args.command == "verify":
+            print("\n".join(chatglm2.verify(args.model_dir)))
+        else:
+            out = args.out or f"{args.checkpoint.rstrip('/')}-ptune"
+            chatglm2.import_ptuning(args.checkpoint, args.base, out, args.max_source_length, args.max_target_length)
+            print(f"wrote {out}: evaluate.py checkpoint={out} dataset=advertisegen dataset.dir=...")
+    except (FileNotFoundError, ValueError, NotImplementedError) as err:
+        print(f"ptune {args.command}: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,4 +1,4 @@
-"""The ``ptune`` command: model files and checkpoints (convert, verify, import-ptuning)."""
+"""The ``ptune`` command: front ends (chat, web, serve) and model tools (convert, verify, import-ptuning)."""
 
 from __future__ import annotations
 
@@ -6,10 +6,23 @@ import argparse
 import logging
 import sys
 
+FRONT_ENDS = {"chat": "ptune.chat", "web": "ptune.web", "serve": "ptune.serve"}
+
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ptune", description="ptune: P-tuning v2 tools. Training: train.py.")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in FRONT_ENDS:  # Hydra-style key=value overrides, handled by the front end itself
+        import importlib
+
+        return importlib.import_module(FRONT_ENDS[argv[0]]).main(argv[1:])
+    parser = argparse.ArgumentParser(
+        prog="ptune",
+        description="ptune: P-tuning v2 tools. Training: train.py; evaluation: evaluate.py. Front ends take "
+        "key=value overrides of conf/chat.yaml: ptune chat|web|serve checkpoint=PATH [model.path=...] ...",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
+    for name, what in (("chat", "terminal chat"), ("web", "Gradio chat page"), ("serve", "HTTP API")):
+        commands.add_parser(name, help=f"{what}: key=value overrides of conf/chat.yaml, e.g. checkpoint=PATH")
     convert = commands.add_parser("convert", help="original ChatGLM2 folder -> native GLM folder (safetensors)")
     convert.add_argument("src", help="the downloaded ChatGLM2-6B folder (config.json, tokenizer.model, *.bin)")
     convert.add_argument("dst", help="where to write the converted model")

@@ -7,11 +7,12 @@ Greedy by default, so metrics are reproducible; sampling is an option with a see
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from ptune.data import Example
 from ptune.loading import LoadedModel
@@ -73,11 +74,28 @@ def _left_padded(rows: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, 
     return ids, mask
 
 
+class _StopWhenSet(StoppingCriteria):
+    """Ends generation early when a front end sets the event (Ctrl-C in the chat, a client gone)."""
+
+    def __init__(self, event: threading.Event) -> None:
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
 @torch.inference_mode()
 def generate_ids(
-    loaded: LoadedModel, prompts: Sequence[list[int]], settings: GenerationSettings, batch_size: int
+    loaded: LoadedModel,
+    prompts: Sequence[list[int]],
+    settings: GenerationSettings,
+    batch_size: int,
+    streamer: TextIteratorStreamer | None = None,
+    stop: threading.Event | None = None,
 ) -> Iterator[tuple[int, list[int]]]:
-    """Yield ``(index, answer ids without eos)`` for each prompt, a batch at a time, longest prompts first."""
+    """Yield ``(index, answer ids without eos)`` for each prompt, a batch at a time, longest prompts first.
+
+    ``streamer`` receives the tokens as they come (one prompt only); ``stop`` ends generation when set."""
     if settings.do_sample:
         torch.manual_seed(settings.seed)
     stops = eos_ids(loaded)
@@ -93,6 +111,8 @@ def generate_ids(
             attention_mask=mask.to(device),
             pad_token_id=pad_id,
             eos_token_id=stops,
+            streamer=streamer,
+            stopping_criteria=StoppingCriteriaList([_StopWhenSet(stop)]) if stop is not None else None,
             **settings.generate_kwargs(),
         )
         for row, index in enumerate(batch):
@@ -110,3 +130,38 @@ def generate_answers(
     for index, ids in generate_ids(loaded, prompts, settings, batch_size):
         answers[index] = decode(loaded.tokenizer, ids)
     return answers
+
+
+def stream_answer(
+    loaded: LoadedModel,
+    query: str,
+    history: Sequence[tuple[str, str]],
+    settings: GenerationSettings,
+    stop: threading.Event | None = None,
+) -> Iterator[str]:
+    """Yield the answer as it grows (the whole text so far), for chat front ends. Same path as the evaluator:
+    the same prompt ids and ``generate_ids``, so the finished answer equals the evaluator's for the same settings."""
+    streamer = TextIteratorStreamer(loaded.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    result: dict[str, list[int] | BaseException] = {}
+
+    def run() -> None:
+        try:
+            result["ids"] = next(
+                generate_ids(loaded, [encode_prompt(loaded, query, history)], settings, 1, streamer, stop)
+            )[1]
+        except BaseException as err:  # re-raised in the caller's thread below
+            result["error"] = err
+            streamer.end()
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    text = ""
+    for piece in streamer:
+        text += piece
+        yield text.strip()
+    worker.join()
+    if "error" in result:
+        raise result["error"]
+    final = decode(loaded.tokenizer, result["ids"])
+    if final != text.strip():  # the streamer's incremental decoding can differ at the very end; the ids decide
+        yield final

@@ -74,3 +74,18 @@ def load_checkpoint(checkpoint: str | Path, base_path: str | None = None, dtype:
         checkpoint=str(checkpoint),
         metadata=meta,
     )
+
+
+def load_base(
+    path: str | Path, dtype: str, prompt: dict[str, Any], max_source_length: int, max_target_length: int
+) -> LoadedModel:
+    """The bare base model, no prefix (``model.path=...`` in the demos)."""
+    model = load_base_model(path, dtype).eval()
+    return LoadedModel(
+        model=model,
+        tokenizer=load_tokenizer(path),
+        prompt_format=PromptFormat.from_config(prompt),
+        base_path=str(path),
+        max_source_length=max_source_length,
+        max_target_length=max_target_length,
+    )

@@ -1,0 +1,54 @@
+"""What the chat front ends (terminal, web page, HTTP API) share: config, model loading, generation settings."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, OmegaConf
+
+from ptune.generation import GenerationSettings
+from ptune.hydra_setup import REPO_ROOT
+from ptune.loading import LoadedModel, load_base, load_checkpoint
+
+
+def compose_frontend_config(overrides: list[str]) -> DictConfig:
+    """``conf/chat.yaml`` with command-line ``key=value`` overrides, as Hydra composes it for train.py."""
+    with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base="1.3"):
+        return compose(config_name="chat", overrides=overrides)
+
+
+def load_model(cfg: DictConfig) -> LoadedModel:
+    """A checkpoint (its base, prefix and prompt format), or with only ``model.path`` the bare base model."""
+    if cfg.torch_threads:
+        torch.set_num_threads(cfg.torch_threads)
+    if cfg.checkpoint:
+        loaded = load_checkpoint(Path(cfg.checkpoint).expanduser(), cfg.model.path, cfg.model.dtype)
+    elif cfg.model.path:
+        prompt = OmegaConf.to_container(cfg.model.prompt)
+        loaded = load_base(cfg.model.path, cfg.model.dtype or "float32", prompt, cfg.max_source_length, 0)
+    else:
+        raise SystemExit("give checkpoint=PATH (a ptune checkpoint) or model.path=PATH (a bare base model)")
+    loaded.max_source_length = cfg.max_source_length
+    return loaded
+
+
+def generation_settings(cfg: DictConfig, **request: float | int | None) -> GenerationSettings:
+    """The configured settings, with what a request (a slider, an API call) sets; temperature 0 means greedy."""
+    settings = GenerationSettings(**OmegaConf.to_container(cfg.generation))
+    changes = {k: v for k, v in request.items() if v is not None}
+    if "max_new_tokens" in changes:
+        changes["max_new_tokens"] = min(int(changes["max_new_tokens"]), cfg.max_new_tokens_limit)
+    if "temperature" in changes:
+        changes["do_sample"] = changes["temperature"] > 0 if "do_sample" not in changes else changes["do_sample"]
+        if changes["temperature"] <= 0:
+            del changes["temperature"]
+    return dataclasses.replace(settings, **changes)
+
+
+def describe(loaded: LoadedModel) -> str:
+    """One line naming what is loaded (shown by every front end)."""
+    prefix = f" + prefix {loaded.checkpoint}" if loaded.checkpoint else " (no prefix)"
+    return f"{loaded.base_path}{prefix}"

@@ -140,26 +140,33 @@ def stream_answer(
     stop: threading.Event | None = None,
 ) -> Iterator[str]:
     """Yield the answer as it grows (the whole text so far), for chat front ends. Same path as the evaluator:
-    the same prompt ids and ``generate_ids``, so the finished answer equals the evaluator's for the same settings."""
+    the same prompt ids and ``generate_ids``, so the finished answer equals the evaluator's for the same settings.
+
+    Closing the iterator early (a client gone, Ctrl-C) stops generation and waits for it, so the model is free
+    for the next request when this returns."""
+    stop = stop or threading.Event()
     streamer = TextIteratorStreamer(loaded.tokenizer, skip_prompt=True, skip_special_tokens=True)
     result: dict[str, list[int] | BaseException] = {}
 
     def run() -> None:
         try:
-            result["ids"] = next(
-                generate_ids(loaded, [encode_prompt(loaded, query, history)], settings, 1, streamer, stop)
-            )[1]
+            prompt = encode_prompt(loaded, query, history)
+            result["ids"] = next(generate_ids(loaded, [prompt], settings, 1, streamer, stop))[1]
         except BaseException as err:  # re-raised in the caller's thread below
             result["error"] = err
             streamer.end()
 
     worker = threading.Thread(target=run, daemon=True)
     worker.start()
-    text = ""
-    for piece in streamer:
-        text += piece
-        yield text.strip()
-    worker.join()
+    try:
+        text = ""
+        for piece in streamer:
+            text += piece
+            yield text.strip()
+    finally:
+        if worker.is_alive():
+            stop.set()
+        worker.join()
     if "error" in result:
         raise result["error"]
     final = decode(loaded.tokenizer, result["ids"])

@@ -1,0 +1,102 @@
+"""``ptune chat`` driven through a pseudo-terminal: streaming, history, clear, Ctrl-C, exit."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pexpect
+import pytest
+
+from ptune.data import Example
+from ptune.frontend import compose_frontend_config, generation_settings, load_model
+from ptune.generation import GenerationSettings, encode_prompt, generate_answers, generate_ids
+from ptune.loading import load_checkpoint
+from ptune.training import train
+from tests.conftest import FAST, REPO, compose_train, make_tiny_model
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+Q1, Q2 = "类型#裙*颜色#红色*风格#复古", "再短一点"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    root = tmp_path_factory.mktemp("chat")
+    train(compose_train(*FAST, "max_steps=30", "save_steps=30", cache_dir=root / "cache"), str(root / "run"))
+    return root / "run" / "checkpoint-30"
+
+
+def spawn(*overrides: str) -> pexpect.spawn:
+    child = pexpect.spawn(
+        sys.executable,
+        ["-m", "ptune.chat", "torch_threads=1", "generation.max_new_tokens=48", *overrides],
+        cwd=str(REPO),
+        env=ENV,
+        encoding="utf-8",
+        timeout=120,
+    )
+    child.expect("Ctrl-C stops an answer")
+    return child
+
+
+def ask(child: pexpect.spawn, query: str) -> str:
+    child.expect_exact("You: ")
+    child.sendline(query)
+    child.expect_exact("Model: ")
+    child.expect_exact("\r\nYou: ")
+    answer = child.before.replace("\r\n", "\n").strip()  # the terminal writes newlines as CR LF
+    child.sendline("")  # an empty line: no question, just the next prompt
+    return answer
+
+
+def test_two_turns_use_history_and_clear_resets_it(checkpoint):
+    loaded = load_checkpoint(checkpoint)
+    loaded.max_source_length = compose_frontend_config([]).max_source_length  # the chat keeps long histories
+    settings = GenerationSettings(max_new_tokens=48)
+    a1 = generate_answers(loaded, [Example(Q1, "")], settings, 1)[0]
+    with_history = generate_answers(loaded, [Example(Q2, "", ((Q1, a1),))], settings, 1)[0]
+    alone = generate_answers(loaded, [Example(Q2, "")], settings, 1)[0]
+    assert with_history != alone  # so the test below can tell whether history was used
+
+    child = spawn(f"checkpoint={checkpoint}")
+    assert checkpoint.name in child.before  # the banner names what is loaded
+    assert ask(child, Q1) == a1  # the evaluator's answer: one generation path
+    assert ask(child, Q2) == with_history
+    child.expect_exact("You: ")
+    child.sendline("clear")
+    child.expect_exact("(history cleared)")
+    assert ask(child, Q2) == alone
+    child.expect_exact("You: ")
+    child.sendline("exit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
+@pytest.fixture(scope="module")
+def endless_model(tmp_path_factory):
+    """A random base whose greedy answer to Q1 never reaches eos (it cycles), so only Ctrl-C can stop it."""
+    folder = make_tiny_model("glm", tmp_path_factory.mktemp("endless"), seed=1)
+    cfg = compose_frontend_config([f"model.path={folder}", "generation.max_new_tokens=400"])
+    loaded = load_model(cfg)
+    prompt = encode_prompt(loaded, Q1)
+    _, answer = next(generate_ids(loaded, [prompt], generation_settings(cfg), 1))
+    assert len(answer) == 400  # ran to the limit: no eos
+    return folder
+
+
+def test_ctrl_c_stops_an_answer_and_keeps_the_session(endless_model):
+    child = spawn(f"model.path={endless_model}", "generation.max_new_tokens=1000000")
+    child.expect_exact("You: ")
+    child.sendline(Q1)
+    child.expect_exact("Model: ")
+    child.expect(r"\S{20}")  # streaming: text appears before the answer is done
+    child.sendintr()
+    child.expect_exact("[stopped]", timeout=30)
+    child.expect_exact("You: ")
+    child.sendline("clear")
+    child.expect_exact("(history cleared)")
+    child.sendeof()  # Ctrl-D quits
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0

@@ -228,3 +228,14 @@ def test_help_lists_the_config_groups(tmp_path):
     assert result.returncode == 0, result.stderr
     for group in ("dataset:", "model:", "prefix:", "trainer:", "experiment:"):
         assert group in result.stdout
+
+
+def test_bf16_base_with_fp32_prefix(fast_cfg, tmp_path):
+    trainer = build_trainer(fast_cfg("model.dtype=bfloat16", "max_steps=3"), str(tmp_path / "run"))
+    assert {p.dtype for p in trainer.model.base.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in trainer.model.prefix.parameters()} == {torch.float32}
+    before = trainer.model.prefix.embedding.weight.detach().clone()
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 3 and all(x == x for x in losses)
+    assert not torch.equal(before, trainer.model.prefix.embedding.weight)  # the fp32 prefix trained

@@ -39,8 +39,8 @@ def generation_settings(cfg: DictConfig, **request: float | int | None) -> Gener
     """The configured settings, with what a request (a slider, an API call) sets; temperature 0 means greedy."""
     settings = GenerationSettings(**OmegaConf.to_container(cfg.generation))
     changes = {k: v for k, v in request.items() if v is not None}
-    if "max_new_tokens" in changes:
-        changes["max_new_tokens"] = min(int(changes["max_new_tokens"]), cfg.max_new_tokens_limit)
+    wanted = int(changes.get("max_new_tokens", settings.max_new_tokens))
+    changes["max_new_tokens"] = min(wanted, cfg.max_new_tokens_limit)
     if "temperature" in changes:
         changes["do_sample"] = changes["temperature"] > 0 if "do_sample" not in changes else changes["do_sample"]
         if changes["temperature"] <= 0:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -85,3 +86,13 @@ def make_tiny_model(arch: str, folder: Path, kv_heads: int = 2, seed: int = 0) -
 @pytest.fixture(scope="session")
 def llama_dir(tmp_path_factory) -> Path:
     return make_tiny_model("llama", tmp_path_factory.mktemp("tiny-llama"))
+
+
+def stop_process(proc) -> None:
+    """End a server started by a test: politely, then for sure."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

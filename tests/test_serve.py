@@ -29,7 +29,7 @@ from ptune.generation import GenerationSettings, encode_prompt, generate_answers
 from ptune.loading import load_checkpoint
 from ptune.serve import build_app, main
 from ptune.training import train
-from tests.conftest import FAST, REPO, compose_train
+from tests.conftest import FAST, REPO, compose_train, stop_process
 
 MAX_NEW = 48  # the server's generation.max_new_tokens: short answers keep the file fast
 KINDS = ["裙", "上衣", "裤", "外套", "衬衫", "连衣裙", "T恤", "卫衣"]
@@ -71,12 +71,7 @@ def server(checkpoint, tmp_path_factory):
     with open(log, "wb") as out:
         proc = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=env)
     yield SimpleNamespace(proc=proc, port=port, log=log, url=f"http://127.0.0.1:{port}")
-    proc.terminate()
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    stop_process(proc)
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ from ptune.data import Example
 from ptune.frontend import compose_frontend_config, describe, generation_settings, load_model
 from ptune.generation import generate_answers
 from ptune.training import train
-from tests.conftest import FAST, REPO, compose_train
+from tests.conftest import FAST, REPO, compose_train, stop_process
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -151,12 +151,7 @@ def server(overrides, tmp_path_factory):
         wait_until_up(url, proc, log)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
 
 
 # Records every text the newest answer shows, to see it grow while it streams.

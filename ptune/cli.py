@@ -34,7 +34,12 @@ def main(argv: list[str] | None = None) -> int:
     imported.add_argument("--out", help="the new ptune checkpoint folder (default: CHECKPOINT-ptune)")
     imported.add_argument("--max-source-length", type=int, default=64, help="prompt tokens kept (reference: 64)")
     imported.add_argument("--max-target-length", type=int, default=128, help="answer tokens (reference: 128)")
+    from ptune import estimate
+
+    estimate.add_arguments(commands.add_parser("estimate", help="memory estimate for training a prefix (GiB table)"))
     args = parser.parse_args(argv)
+    if args.command == "estimate":
+        return estimate.run(args)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     from ptune import chatglm2

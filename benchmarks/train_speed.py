@@ -64,6 +64,7 @@ PADDED_LENGTH = SOURCE_LENGTH + TARGET_LENGTH + 1  # the reference pads every ro
 EFFECTIVE_BATCH = 16
 LEARNING_RATE = 2e-2
 SEED = 42
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # both sides train on the GPU when there is one
 EVAL_ROWS = 32
 FULL_TRAIN_ROWS = 114_599  # AdvertiseGen's train.json
 
@@ -71,7 +72,7 @@ FULL_TRAIN_ROWS = 114_599  # AdvertiseGen's train.json
 PTUNE_BEST = {
     "dtype": "bfloat16",  # model.dtype: frozen base in bf16, prefix stays fp32
     "micro_batch": 1,  # trainer.per_device_train_batch_size (x gradient_accumulation_steps 16)
-    "sampling": "random",  # trainer.train_sampling_strategy: grouping has nothing to group at micro-batch 1
+    "sampling": "group_by_length",  # trainer.train_sampling_strategy: consecutive rows share a shape (less churn)
     "pad_to_multiple_of": 32,  # dataset.pad_to_multiple_of: few distinct shapes (bounded oneDNN caches)
     "checkpointing": False,  # trainer.activation_checkpointing
 }
@@ -79,15 +80,16 @@ PTUNE_BEST = {
 ABLATIONS = {
     "fp32 base (model.dtype=float32)": {"dtype": "float32"},
     "exact dynamic padding (pad_to_multiple_of=null)": {"pad_to_multiple_of": None},
-    "group_by_length at 1 x 16": {"sampling": "group_by_length"},
-    "micro-batch 4 x 4, group_by_length": {"micro_batch": 4, "sampling": "group_by_length"},
-    "micro-batch 8 x 2, group_by_length": {"micro_batch": 8, "sampling": "group_by_length"},
-    "micro-batch 8 x 2, random order": {"micro_batch": 8},
-    "micro-batch 16 x 1, group_by_length": {"micro_batch": 16, "sampling": "group_by_length"},
+    "random order at 1 x 16 (train_sampling_strategy=random)": {"sampling": "random"},
+    "micro-batch 4 x 4": {"micro_batch": 4},
+    "micro-batch 8 x 2": {"micro_batch": 8},
+    "micro-batch 8 x 2, random order": {"micro_batch": 8, "sampling": "random"},
+    "micro-batch 16 x 1": {"micro_batch": 16},
     "activation checkpointing": {"checkpointing": True},
     "fused AdamW (optim=adamw_torch_fused)": {"optim": "adamw_torch_fused"},
     "torch.compile (+trainer.torch_compile=true)": {"compile": True},
     "the baseline's settings (fp32, every row padded to 193)": {"dtype": "float32", "pad_to_multiple_of": 193},
+    "environment MALLOC_MMAP_THRESHOLD_=4194304 (glibc)": {"env": {"MALLOC_MMAP_THRESHOLD_": "4194304"}},
 }
 
 
@@ -158,15 +160,22 @@ def row_flops(shape: dict[str, int], length: int, prefix: int = PREFIX_LENGTH) -
 
 
 def matmul_rate(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
-    """Best-of-``repeats`` FLOP/s of an n x n x n matmul in ``dtype`` with torch's default threads."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    """Best-of-``repeats`` FLOP/s of an n x n x n matmul in ``dtype`` (torch's default threads, or the GPU)."""
+    a, b = (torch.randn(n, n, dtype=dtype, device=DEVICE) for _ in range(2))
     a @ b  # warm-up
     best = float("inf")
     for _ in range(repeats):
+        sync()
         start = time.perf_counter()
         a @ b
+        sync()
         best = min(best, time.perf_counter() - start)
     return 2 * n**3 / best
+
+
+def sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
 
 
 def prepare(work: Path, source: dict[str, Any], samples: int) -> dict[str, Any]:
@@ -277,6 +286,7 @@ def timing_callback(counter: Counting):
             self.start: float | None = None
             self.step_ends: list[float] = []
             self.peak_rss_mb = 0.0
+            self.peak_gpu_mb: float | None = None
 
         def on_epoch_begin(self, args, state, control, **kwargs):
             if self.start is None:
@@ -288,6 +298,8 @@ def timing_callback(counter: Counting):
             if state.global_step >= state.max_steps:  # before the trainer's closing evaluation
                 counter.active = False
                 self.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+                if DEVICE == "cuda":
+                    self.peak_gpu_mb = torch.cuda.max_memory_reserved() / 2**20
 
     return Timing()
 
@@ -327,7 +339,7 @@ def baseline_trainer(work: Path, samples: int):
         eval_strategy="no",
         report_to=[],
         seed=SEED,
-        use_cpu=True,
+        use_cpu=DEVICE == "cpu",
         dataloader_pin_memory=False,
         remove_unused_columns=False,
         label_names=["labels"],
@@ -383,6 +395,7 @@ def run_worker(args: argparse.Namespace) -> None:
         "eval_loss": eval_loss,
         "rss_before_train_mb": rss_before / 2**20,
         "peak_rss_mb": timing.peak_rss_mb,  # model load + training steps, before any evaluation
+        "peak_gpu_mb": timing.peak_gpu_mb,  # torch's reserved GPU memory (no CUDA context), None on CPU
         "threads": torch.get_num_threads(),
     }
     Path(args.out).write_text(json.dumps(result), encoding="utf-8")
@@ -415,12 +428,17 @@ def summarise(runs: list[dict[str, Any]], data: dict[str, Any]) -> dict[str, flo
     def median(fn) -> float:
         return statistics.median(fn(r) for r in runs)
 
+    gpu = {}
+    if all(r.get("peak_gpu_mb") for r in runs):
+        gpu = {"peak GPU memory reserved (MB)": median(lambda r: r["peak_gpu_mb"])}
     return {
         "samples/s": median(lambda r: r["rows"] / r["train_seconds"]),
         "target tokens/s": median(lambda r: data["target_tokens"] / r["train_seconds"]),
         "s per optimizer step": median(lambda r: r["train_seconds"] / r["steps"]),
         "s per step after the first": median(lambda r: statistics.mean(r["step_seconds"][1:])),
         "peak RSS (MB)": median(lambda r: r["peak_rss_mb"]),
+        "peak RSS, max of the runs (MB)": max(r["peak_rss_mb"] for r in runs),
+        **gpu,
         "model FLOP/s (real tokens)": median(lambda r: data["useful_flops"] / r["train_seconds"]),
         "executed tokens per row": median(lambda r: r["executed_tokens"] / r["rows"]),
         "eval loss after training": median(lambda r: r["eval_loss"]),
@@ -448,6 +466,21 @@ def print_table(baseline: dict[str, float], ptune: dict[str, float], peaks: dict
         b = 100 * baseline["model FLOP/s (real tokens)"] / peak
         p = 100 * ptune["model FLOP/s (real tokens)"] / peak
         print(f"| % of {peak_name} matmul peak ({peak / 1e9:.0f} GFLOP/s) | {b:.1f}% | {p:.1f}% | {p / b:.2f}x |")
+
+
+def print_loss_curves(runs: dict[str, list[dict[str, Any]]], rows: int = 16) -> None:
+    """Train loss against samples seen, both sides (median over runs per step): the same function within noise?"""
+    steps = len(runs["ptune"][0]["train_losses"])
+    every = max(1, steps // rows)
+    curves = {
+        side: [statistics.median(r["train_losses"][i] for r in results) for i in range(steps)]
+        for side, results in runs.items()
+    }
+    print("\n| optimizer step | samples seen | baseline train loss | ptune train loss | ptune - baseline |")
+    print("|---|---|---|---|---|")
+    for i in range(every - 1, steps, every):
+        b, p = curves["baseline"][i], curves["ptune"][i]
+        print(f"| {i + 1} | {(i + 1) * EFFECTIVE_BATCH} | {b:.4f} | {p:.4f} | {p - b:+.4f} |")
 
 
 def time_tokenisation(work: Path, source: dict[str, Any]) -> tuple[float, float, float, int]:
@@ -508,6 +541,11 @@ def main() -> None:
     if args.samples % EFFECTIVE_BATCH or args.samples < 2 * EFFECTIVE_BATCH:
         parser.error(f"--samples must be a multiple of {EFFECTIVE_BATCH}, at least {2 * EFFECTIVE_BATCH}")
 
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    datasets.disable_progress_bars()
+    hf_logging.disable_progress_bar()
     quiet = wait_for_quiet(args.wait_quiet * 60) if args.wait_quiet else f"1-min load {os.getloadavg()[0]:.2f}"
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="ptune-train-speed-"))
     try:
@@ -540,7 +578,8 @@ def report(args, source, data, runs, ablations, peaks, tokenisation, quiet, work
     model_name = names[0] if names else platform.processor() or platform.machine()
     print(
         f"machine: {model_name}, {os.cpu_count()} cores, torch {torch.__version__} ({runs['ptune'][0]['threads']} "
-        f"threads), {platform.system()} {platform.release()}; {quiet}"
+        f"threads), {platform.system()} {platform.release()}"
+        f"{f', GPU {torch.cuda.get_device_name()}' if DEVICE == 'cuda' else ', no GPU'}; {quiet}"
     )
     print(
         f"model: random GLM shaped like ChatGLM2 ({shape['layers']} layers, hidden {shape['hidden']}, {shape['heads']} "
@@ -570,6 +609,7 @@ def report(args, source, data, runs, ablations, peaks, tokenisation, quiet, work
         "the prefix length (ptune keeps positions 0, 1, ...) and the prefixes start from different random tables of "
         f"the same size; row order: {same_order}."
     )
+    print_loss_curves(runs)
     if ablations:
         best = ptune["samples/s"]
         print(

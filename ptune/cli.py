@@ -36,8 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     imported.add_argument("--max-target-length", type=int, default=128, help="answer tokens (reference: 128)")
     from ptune import estimate
 
-    estimate.add_arguments(commands.add_parser("estimate", help="memory estimate for training a prefix (GiB table)"))
-    args = parser.parse_args(argv)
+    estimate_help = "memory estimate for training a prefix (GiB table): --batch 4 or batch=4"
+    estimate.add_arguments(commands.add_parser("estimate", help=estimate_help))
+    args = parser.parse_args(estimate.as_options(argv) if argv and argv[0] == "estimate" else argv)
     if args.command == "estimate":
         return estimate.run(args)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

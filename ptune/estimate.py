@@ -1,8 +1,9 @@
 """Memory estimate for P-tuning v2 training with ptune (``ptune estimate``): what each part needs, in GiB.
 
-Counted (B = batch, S = sequence length, P = prefix length, T = B x S tokens, K = P + S keys, L layers, H hidden,
-nh heads, nkv key/value heads, d head_dim, F ffn width, V vocabulary, b = 2 bytes per activation (fp16/bf16
-compute; also with an int8/int4 base, whose weights are dequantised to fp16 for each matmul)):
+Counted (B = batch, S = sequence length, A = positions with a label, P = prefix length, T = B x S tokens,
+K = P + S keys, L layers, H hidden, nh heads, nkv key/value heads, d head_dim, F ffn width, V vocabulary, b = 2
+bytes per activation (fp16/bf16 compute; also with an int8/int4 base, whose weights are dequantised to fp16 for
+each matmul)):
 
 - base weights: every parameter in fp16/bf16; int8/int4 quantise only the transformer layers' linear weights (one
   fp16 scale per output row), as the original ChatGLM2 ``quantize()``; embedding, output layer, norms and biases
@@ -21,8 +22,10 @@ compute; also with an int8/int4 base, whose weights are dequantised to fp16 for 
                                                                             a mask is given, as with a prefix)
     attention mask widened by the prefix                    B S K b
     MLP: gate+up projection output and SiLU(gate)           3 T F b
-  plus, once, the output side: T V (b + 4 + 4): the fp32 log-softmax kept for backward, and alive with it at the
-  loss, the logits in the compute dtype and their fp32 copy (transformers' loss upcasts).
+  plus, once, the output side: B A' V (b + 4 + 4), A' = A + 1 rounded up to 32 (at most S), since ptune runs the
+  output layer and the loss only from the position before the first label on: the fp32 log-softmax kept
+  for backward, and alive with it at the loss, the logits in the compute dtype and their fp32 copy (the loss
+  upcasts).
   Attention goes through SDPA with a fused kernel (flash / memory-efficient on GPU): no B x nh x S x K score matrix
   is kept; the math kernel would add about 3 B nh S K b per layer (shown in the notes).
   Gradient checkpointing (every layer): each layer keeps only its input, T H b, and the backward pass recomputes
@@ -192,16 +195,33 @@ def layer_activation_bytes(shape: ModelShape, batch: int, seq: int, prefix: int,
     return norms + query_and_output + logsumexp + keys_values + mask + mlp
 
 
-def output_activation_bytes(shape: ModelShape, batch: int, seq: int, b: int = ACTIVATION_BYTES) -> float:
-    """Logits in the compute dtype, their fp32 copy for the loss and the fp32 log-softmax kept for backward."""
-    return batch * seq * shape.vocab * (b + 4 + 4)
+def output_activation_bytes(shape: ModelShape, batch: int, positions: int, b: int = ACTIVATION_BYTES) -> float:
+    """Logits in the compute dtype, their fp32 copy for the loss and the fp32 log-softmax kept for backward, at
+    ``positions`` per row (those that predict a label)."""
+    return batch * positions * shape.vocab * (b + 4 + 4)
+
+
+def logit_positions(seq: int, labelled: int | None) -> int:
+    """Positions per row that get logits: ptune keeps the last ones from the position before the first label
+    (``labelled`` + 1 for right-padded rows), rounded up to a multiple of 32; all ``seq`` when ``None``."""
+    if labelled is None:
+        return seq
+    bucket = 32  # dataset.pad_to_multiple_of of trainer=fast's command line; with null it is exact (fewer)
+    return min(seq, -(-(labelled + 1) // bucket) * bucket)
 
 
 def activation_bytes(
-    shape: ModelShape, batch: int, seq: int, prefix: int, checkpointing: bool, b: int = ACTIVATION_BYTES
+    shape: ModelShape,
+    batch: int,
+    seq: int,
+    prefix: int,
+    checkpointing: bool,
+    b: int = ACTIVATION_BYTES,
+    labelled: int | None = None,
 ) -> float:
+    """Bytes autograd keeps for the whole model; ``labelled`` tokens per row carry a label (default: all)."""
     layer = layer_activation_bytes(shape, batch, seq, prefix, b)
-    output = output_activation_bytes(shape, batch, seq, b)
+    output = output_activation_bytes(shape, batch, logit_positions(seq, labelled), b)
     if checkpointing:
         return shape.layers * batch * seq * shape.hidden * b + layer + output
     return shape.layers * layer + output
@@ -212,6 +232,7 @@ class Estimate:
     shape: ModelShape
     batch: int
     seq: int
+    labelled: int
     prefix: int
     projection: bool
     projection_hidden: int
@@ -229,10 +250,15 @@ def estimate(
     prefix: int = 128,
     projection: bool = False,
     projection_hidden: int = 0,
+    labelled: int = 127,
 ) -> Estimate:
-    """Bytes for every component and base precision (see the module docstring for what is counted)."""
-    if min(batch, seq, prefix) < 1:
-        raise ValueError("batch, seq and prefix must be at least 1")
+    """Bytes for every component and base precision (see the module docstring for what is counted).
+
+    ``labelled``: tokens per row that carry a label (clipped to ``seq``); the reference layout has at most
+    126 answer tokens + eos = 127 of its 193."""
+    if min(batch, seq, prefix, labelled) < 1:
+        raise ValueError("batch, seq, labelled and prefix must be at least 1")
+    labelled = min(labelled, seq)
     prefix_params = prefix_parameters(shape, prefix, projection, projection_hidden)
 
     def same(value: float) -> dict[str, float]:
@@ -242,8 +268,8 @@ def estimate(
     prefix_bytes = same(4 * prefix_params)
     grads = same(4 * prefix_params)
     adam = same(8 * prefix_params)
-    act = same(activation_bytes(shape, batch, seq, prefix, checkpointing=False))
-    act_ckpt = same(activation_bytes(shape, batch, seq, prefix, checkpointing=True))
+    act = same(activation_bytes(shape, batch, seq, prefix, checkpointing=False, labelled=labelled))
+    act_ckpt = same(activation_bytes(shape, batch, seq, prefix, checkpointing=True, labelled=labelled))
     kv_prefix = same(batch * shape.layers * 2 * shape.heads * prefix * shape.head_dim * ACTIVATION_BYTES)
     kv_cache = same(shape.layers * 2 * shape.kv_width * batch * seq * ACTIVATION_BYTES)
     fixed = {base: weights[base] + prefix_bytes[base] + grads[base] + adam[base] for base in BASES}
@@ -264,7 +290,7 @@ def estimate(
             {base: weights[base] + prefix_bytes[base] + kv_cache[base] for base in BASES},
         ),
     ]
-    return Estimate(shape, batch, seq, prefix, projection, projection_hidden, rows, totals)
+    return Estimate(shape, batch, seq, labelled, prefix, projection, projection_hidden, rows, totals)
 
 
 def load_shape(model: str) -> ModelShape:
@@ -298,7 +324,8 @@ def format_table(est: Estimate) -> str:
     lines = [
         f"{s.name}: {s.parameters:,} parameters ({s.layers} layers, hidden {s.hidden}, {s.heads} heads, "
         f"{s.kv_heads} kv heads x {s.head_dim}, ffn {s.ffn}, vocab {s.vocab:,}); prefix {est.prefix} "
-        f"({prefix_params:,} trainable parameters); batch {est.batch} x seq {est.seq}; "
+        f"({prefix_params:,} trainable parameters); batch {est.batch} x seq {est.seq} "
+        f"({est.labelled} with a label: logits at {logit_positions(est.seq, est.labelled)}); "
         "activations in fp16/bf16, SDPA with a fused kernel",
         "",
         f"| {unit} ({'2^30' if unit == 'GiB' else '2^20'} bytes) | " + " | ".join(f"{b} base" for b in BASES) + " |",
@@ -323,24 +350,30 @@ def anchors(est: Estimate) -> str:
     """How the estimate compares with the reference recipe's published figures (ChatGLM2-6B only)."""
     if not is_chatglm2_6b(est.shape):
         return ""
+    s, tokens = est.shape, est.batch * est.seq
     infer = {base: est.total("inference (weights + prefix + KV cache of seq)", base) / GiB for base in BASES}
     train = est.total("training, no checkpointing", "int4") / GiB
+    v1_extra = (130_528 - s.vocab) * s.hidden * 2 * 2 / GiB  # ChatGLM-6B (v1): 130,528-token embedding + output
+    kept_inputs = s.layers * tokens * (3 * s.hidden + s.ffn) * ACTIVATION_BYTES / GiB
+    scores = 3 * est.batch * s.heads * est.seq * (est.prefix + est.seq) * ACTIVATION_BYTES * s.layers / GiB
+    biggest = s.hidden * 2 * s.ffn * 2 / GiB
     return "\n".join(
         [
             "",
-            "Sanity anchors (the reference's published GPU figures, peak memory as nvidia-smi shows it):",
-            f"- inference ~13 GB fp16: estimate {infer['fp16/bf16']:.1f} GiB + CUDA context ~0.5-1 -> "
+            "Sanity anchors (published GPU figures: peak memory as nvidia-smi shows it, CUDA context included):",
+            f"- inference ~13 GB fp16: estimate {infer['fp16/bf16']:.1f} GiB + context 0.5-1 = "
             f"{infer['fp16/bf16'] + 0.5:.1f}-{infer['fp16/bf16'] + 1:.1f}: agrees.",
-            f"- inference ~10 GB int8 / ~6-7 GB int4: estimate {infer['int8']:.1f} / {infer['int4']:.1f} GiB (+ "
-            "context): lower. The embedding and output layer stay fp16 in both (1.0 GiB, counted); not counted: "
-            "the original kernels dequantise each weight to a full fp16 matrix per matmul (up to "
-            f"{est.shape.hidden * 2 * est.shape.ffn * 2 / GiB:.2f} GiB transient), and loading paths that put "
-            "fp16 weights on the GPU before quantising; older figures were measured on ChatGLM-6B (v1), whose "
-            "130k vocabulary doubles the unquantised embedding/output share.",
+            f"- inference ~10 GB int8 / ~6-7 GB int4: estimate {infer['int8']:.1f} / {infer['int4']:.1f} GiB + "
+            "context: lower. Counted: the embedding and output layer stay fp16 (0.99 GiB). Not counted: each quantised "
+            f"matmul dequantises its weight to fp16 (transient, up to {biggest:.2f} GiB). If the figures were measured "
+            f"on ChatGLM-6B (v1, 130,528-token vocabulary) its fp16 embedding + output layer add {v1_extra:.1f} GiB: "
+            f"{infer['int8'] + v1_extra:.1f} / {infer['int4'] + v1_extra:.1f} GiB + context, close to the 8 / 6 GB "
+            "of ChatGLM-6B's README table; the ~10 GB int8 figure stays ~2 GB above anything counted here.",
             f"- P-tuning, int4 base, batch 1 x 16 accumulation: 6.7-7.6 GB published; estimate {train:.1f} GiB + "
-            "context. The reference's quantised linear layers keep their fp16 inputs for backward (ptune's frozen "
-            "bf16 layers do not), its attention may fall back to the math kernel with a mask (scores above), and "
-            "the caching allocator keeps freed blocks: together ~1-2 GiB more.",
+            f"context. The reference differs: its quantised linear layers keep their fp16 inputs for backward "
+            f"(+{kept_inputs:.2f} GiB; ptune's frozen layers keep none), its attention with a mask may use the "
+            f"math kernel (+{scores:.2f} GiB of scores), and the caching allocator keeps freed blocks (10-30%): "
+            f"{train + kept_inputs + scores:.1f} GiB + context 0.5-1 + slack, i.e. about 6-7 GiB.",
         ]
     )
 
@@ -351,7 +384,26 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="ptune estimate", description=__doc__.split("\n", 1)[0])
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    return run(parser.parse_args(as_options(argv)))
+
+
+def as_options(argv: list[str] | None) -> list[str] | None:
+    """Accept the Hydra-style spelling of the other commands too: ``model=chatglm2-6b batch=4 projection=true``
+    is ``--model chatglm2-6b --batch 4 --projection``."""
+    if argv is None:
+        return None
+    options = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if not sep or arg.startswith("-"):
+            options.append(arg)
+        elif key == "projection":
+            if value.lower() not in ("true", "false"):
+                raise SystemExit(f"ptune estimate: projection={value}: use projection=true or projection=false")
+            options += ["--projection"] if value.lower() == "true" else []
+        else:
+            options += [f"--{key.replace('_', '-')}", value]
+    return options
 
 
 def add_arguments(parser) -> None:
@@ -359,6 +411,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--batch", type=int, default=1, help="rows per micro-batch (per_device_train_batch_size)")
     parser.add_argument("--seq", type=int, default=193, help="tokens per row (reference: 64 + 128 + 1 = 193)")
     parser.add_argument("--prefix", type=int, default=128, help="prefix length (prefix.length)")
+    parser.add_argument(
+        "--labelled",
+        type=int,
+        default=127,
+        help="positions per row that predict a label; ptune computes logits only there (reference: 126 + eos)",
+    )
     parser.add_argument("--projection", action="store_true", help="prefix reparametrised by an MLP")
     parser.add_argument("--projection-hidden", type=int, default=0, help="its hidden width (default: hidden size)")
 
@@ -368,7 +426,7 @@ def run(args) -> int:
 
     try:
         shape = load_shape(args.model)
-        est = estimate(shape, args.batch, args.seq, args.prefix, args.projection, args.projection_hidden)
+        est = estimate(shape, args.batch, args.seq, args.prefix, args.projection, args.projection_hidden, args.labelled)
     except (FileNotFoundError, ValueError) as err:
         print(f"ptune estimate: {err}", file=sys.stderr)
         return 1

@@ -14,6 +14,8 @@ pure function (safe to recompute under gradient checkpointing).
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -153,7 +155,7 @@ def _attention_modules(model: PreTrainedModel) -> list[nn.Module]:
 class PrefixTunedModel(nn.Module):
     """A frozen base causal LM plus a trainable :class:`PrefixEncoder`; only the prefix has gradients."""
 
-    def __init__(self, base: PreTrainedModel, prefix: PrefixEncoder) -> None:
+    def __init__(self, base: PreTrainedModel, prefix: PrefixEncoder, logits_multiple_of: int = 1) -> None:
         super().__init__()
         if PrefixShape.from_config(base.config) != prefix.shape:
             raise ValueError(
@@ -168,6 +170,8 @@ class PrefixTunedModel(nn.Module):
         for module in _attention_modules(base):
             module._ptune_prefix = self._active
         base.register_forward_pre_hook(self._compute_prefix)
+        self._keeps_logits = "logits_to_keep" in inspect.signature(base.forward).parameters
+        self.logits_multiple_of = logits_multiple_of
 
     @property
     def config(self):
@@ -176,8 +180,33 @@ class PrefixTunedModel(nn.Module):
     def _compute_prefix(self, _module: nn.Module, _args: tuple) -> None:
         self._active.kv = self.prefix()
 
-    def forward(self, *args, **kwargs):
-        return self.base(*args, **kwargs)
+    def forward(self, *args, labels: torch.Tensor | None = None, **kwargs):
+        """The base's forward. With labels, the output layer and the loss run only on the last positions of the
+        batch, from the first one that predicts a label (for AdvertiseGen ~60% of the tokens): the prompt's logits
+        are never used, and with a 65k vocabulary they are most of the compute and activation memory. The count
+        is rounded up to a multiple of ``logits_multiple_of`` (training sets it to dataset.pad_to_multiple_of):
+        fewer distinct shapes, which on CPU keeps resident memory from growing. The loss is the base's own loss
+        function; ``logits`` then holds only those positions."""
+        if labels is None or not self._keeps_logits or "logits_to_keep" in kwargs:
+            return self.base(*args, labels=labels, **kwargs)
+        seq = labels.shape[1]
+        # position t predicts token t + 1: the first position to keep is one before the first label
+        labelled = (labels[:, 1:] != -100).any(dim=0).nonzero()
+        if labelled.numel() == 0:
+            return self.base(*args, labels=labels, **kwargs)
+        needed = seq - int(labelled[0])
+        keep = min(seq, -(-needed // self.logits_multiple_of) * self.logits_multiple_of)
+        loss_kwargs = {k: kwargs.pop(k) for k in ("num_items_in_batch",) if k in kwargs}
+        # as an index tensor, not the int ``keep``: transformers then slices a strided view, which the output
+        # layer's matmul (and its backward) turns into a batched matmul copying the whole weight (2x slower on CPU)
+        positions = torch.arange(seq - keep, seq, device=labels.device)
+        out = self.base(*args, logits_to_keep=positions, **kwargs)
+        # targets of the kept positions seq-keep .. seq-1: tokens seq-keep+1 .. seq, the last one beyond the row
+        targets = nn.functional.pad(labels[:, seq - keep + 1 :], (0, 1), value=-100)
+        loss = self.base.loss_function(
+            logits=out.logits, labels=None, shift_labels=targets, vocab_size=self.config.vocab_size, **loss_kwargs
+        )
+        return dataclasses.replace(out, loss=loss)
 
     def generate(self, *args, **kwargs):
         return self.base.generate(*args, **kwargs)

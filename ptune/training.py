@@ -102,7 +102,7 @@ def build_trainer(cfg: DictConfig, output_dir: str) -> PrefixTrainer:
     eval_set = load_split(cfg.dataset, cfg.dataset.validation_file, tokenizer, prompt_format)
     base = load_base_model(cfg.model.path, cfg.model.dtype)
     prefix = build_prefix(PrefixShape.from_config(base.config), cfg.prefix, base.config.hidden_size)
-    model = PrefixTunedModel(base, prefix)
+    model = PrefixTunedModel(base, prefix, logits_multiple_of=cfg.dataset.pad_to_multiple_of or 1)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     logger.info("base %s frozen; prefix: %s trainable parameters", cfg.model.path, f"{trainable:,}")
     return PrefixTrainer(

@@ -95,7 +95,8 @@ def test_activation_formula_matches_what_autograd_keeps():
     torch.manual_seed(0)
     base = GlmForCausalLM(glm_config(original)).to(torch.bfloat16)
     base.set_attn_implementation("sdpa")
-    model = PrefixTunedModel(base, PrefixEncoder(PrefixShape.from_config(base.config), 16)).train()
+    prefix = PrefixEncoder(PrefixShape.from_config(base.config), 16)
+    model = PrefixTunedModel(base, prefix, logits_multiple_of=32).train()  # as with dataset.pad_to_multiple_of=32
     batch, seq = 2, 40
     weights = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
     saved: dict[int, int] = {}
@@ -107,14 +108,18 @@ def test_activation_formula_matches_what_autograd_keeps():
         return tensor
 
     ids = torch.randint(3, 1000, (batch, seq))
+    labels = ids.clone()
+    labels[:, :16] = -100  # a 16-token prompt: positions 15..38 predict the 24 labels
+    labelled = seq - 16
+    assert est.logit_positions(seq, labelled) == 32  # the last 25 positions predict a label (or nothing): 32 kept
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(input_ids=ids, labels=ids)
+        model(input_ids=ids, labels=labels)
     # Autograd keeps the fp32 log-softmax of the output side; the estimate adds the logits and their fp32 copy,
     # which are alive at the same time (the peak around the loss) but are not saved for backward.
     layers = shape.layers * est.layer_activation_bytes(shape, batch, seq, 16)
-    assert sum(saved.values()) == pytest.approx(layers + batch * seq * shape.vocab * 4, rel=0.02)
-    assert est.activation_bytes(shape, batch, seq, 16, checkpointing=False) == pytest.approx(
-        layers + est.output_activation_bytes(shape, batch, seq)
+    assert sum(saved.values()) == pytest.approx(layers + batch * 32 * shape.vocab * 4, rel=0.02)
+    assert est.activation_bytes(shape, batch, seq, 16, checkpointing=False, labelled=labelled) == pytest.approx(
+        layers + est.output_activation_bytes(shape, batch, 32)
     )
 
 
@@ -136,3 +141,14 @@ def test_cli_takes_a_folder_or_config_and_rejects_unknown_models(capsys, tmp_pat
     assert "batch 4 x seq 193" in capsys.readouterr().out
     assert cli(["estimate", "--model", str(tmp_path / "missing")]) == 1
     assert "not a known model" in capsys.readouterr().err
+
+
+def test_cli_takes_hydra_style_key_value_arguments(capsys):
+    assert cli(["estimate", "--model", "chatglm2-6b", "--batch", "2", "--seq", "256", "--projection"]) == 0
+    dashed = capsys.readouterr().out
+    assert cli(["estimate", "model=chatglm2-6b", "batch=2", "seq=256", "projection=true"]) == 0
+    assert capsys.readouterr().out == dashed and "batch 2 x seq 256" in dashed
+    assert cli(["estimate", "batch=2", "seq=256", "projection=false"]) == 0
+    assert capsys.readouterr().out != dashed
+    with pytest.raises(SystemExit, match="projection=true or projection=false"):
+        cli(["estimate", "projection=maybe"])

@@ -166,3 +166,37 @@ def test_prefix_from_another_model_is_refused():
     prefix = PrefixEncoder(PrefixShape(num_layers=2, num_kv_heads=2, head_dim=16), LENGTH)
     with pytest.raises(ValueError, match="belongs to another model"):
         PrefixTunedModel(model_cls(config), prefix)
+
+
+@pytest.mark.parametrize(("arch", "kv_heads"), ARCHS)
+@pytest.mark.parametrize("num_items", [None, 7])
+def test_loss_on_labelled_positions_equals_the_full_logits_loss(arch, kv_heads, num_items):
+    """The output layer runs only where a label is predicted; loss and prefix gradients are those of the full logits
+    (the base's own loss on all positions), also with the trainer's num_items_in_batch (gradient accumulation)."""
+    model = build(arch, kv_heads, projection=True).train()
+    ids, mask = batch()
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :4] = -100  # a prompt: no labels on the first positions of every row
+    labels[0, 6] = -100  # and a hole inside one row's answer
+    extra = {} if num_items is None else {"num_items_in_batch": torch.tensor(num_items)}
+
+    def loss_and_grads(full: bool):
+        model.zero_grad()
+        if full:  # the base alone: logits at every position, its own shift and loss
+            out = model.base(input_ids=ids, attention_mask=mask, labels=labels, **extra)
+        else:
+            out = model(input_ids=ids, attention_mask=mask, labels=labels, **extra)
+        out.loss.backward()
+        return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    model.logits_multiple_of = 2
+    full, full_grads = loss_and_grads(full=True)
+    kept, kept_grads = loss_and_grads(full=False)
+    assert full.logits.shape[1] == ids.shape[1] == 9
+    # positions 3..7 predict the labelled tokens 4..8; position 8 predicts nothing: 6 positions, a multiple of 2
+    assert kept.logits.shape[1] == 6
+    torch.testing.assert_close(kept.logits, full.logits[:, 3:])
+    torch.testing.assert_close(kept.loss, full.loss)
+    for name, grad in full_grads.items():
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(kept_grads[name], grad, rtol=1e-5, atol=1e-7)

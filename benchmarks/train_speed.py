@@ -87,7 +87,7 @@ ABLATIONS = {
     "micro-batch 16 x 1": {"micro_batch": 16},
     "activation checkpointing": {"checkpointing": True},
     "fused AdamW (optim=adamw_torch_fused)": {"optim": "adamw_torch_fused"},
-    "torch.compile (+trainer.torch_compile=true)": {"compile": True},
+    "torch.compile (trainer.torch_compile=true)": {"compile": True},
     "the baseline's settings (fp32, every row padded to 193)": {"dtype": "float32", "pad_to_multiple_of": 193},
     "environment MALLOC_MMAP_THRESHOLD_=4194304 (glibc)": {"env": {"MALLOC_MMAP_THRESHOLD_": "4194304"}},
 }
@@ -244,7 +244,7 @@ def ptune_overrides(work: Path, settings: dict[str, Any], samples: int) -> list[
     if settings.get("optim"):
         overrides.append(f"trainer.optim={settings['optim']}")
     if settings.get("compile"):
-        overrides.append("+trainer.torch_compile=true")
+        overrides.append("trainer.torch_compile=true")
     return overrides
 
 

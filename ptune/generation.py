@@ -138,9 +138,11 @@ def stream_answer(
     history: Sequence[tuple[str, str]],
     settings: GenerationSettings,
     stop: threading.Event | None = None,
+    answer_ids: list[int] | None = None,
 ) -> Iterator[str]:
     """Yield the answer as it grows (the whole text so far), for chat front ends. Same path as the evaluator:
     the same prompt ids and ``generate_ids``, so the finished answer equals the evaluator's for the same settings.
+    ``answer_ids``, if given, receives the answer's token ids once it is complete (for exact token counts).
 
     Closing the iterator early (a client gone, Ctrl-C) stops generation and waits for it, so the model is free
     for the next request when this returns."""
@@ -169,6 +171,8 @@ def stream_answer(
         worker.join()
     if "error" in result:
         raise result["error"]
+    if answer_ids is not None:
+        answer_ids.extend(result["ids"])
     final = decode(loaded.tokenizer, result["ids"])
     if final != text.strip():  # the streamer's incremental decoding can differ at the very end; the ids decide
         yield final

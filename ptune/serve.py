@@ -391,14 +391,11 @@ class Service:
         if stop.is_set():  # the client left while the job waited
             return
         prompt_tokens = len(encode_prompt(self.loaded, query, history))
-        text = ""
-        for text in stream_answer(self.loaded, query, history, settings, stop):
+        text, ids = "", []
+        for text in stream_answer(self.loaded, query, history, settings, stop, answer_ids=ids):
             emit(("text", text))
-        # stream_answer gives text, not ids: the answer's tokens are counted by encoding it again (exact for most
-        # tokenizers; an answer ending in special tokens can count a little short)
-        completion = len(self.loaded.tokenizer(text, add_special_tokens=False)["input_ids"])
-        reason = "length" if completion >= settings.max_new_tokens else "stop"
-        emit(("done", Answer(text, prompt_tokens, completion, reason)))
+        reason = "length" if len(ids) >= settings.max_new_tokens else "stop"
+        emit(("done", Answer(text, prompt_tokens, len(ids), reason)))
 
 
 # ---------------------------------------------------------------------------------------------------------------

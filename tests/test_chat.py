@@ -86,7 +86,9 @@ def endless_model(tmp_path_factory):
 
 
 def test_ctrl_c_stops_an_answer_and_keeps_the_session(endless_model):
-    child = spawn(f"model.path={endless_model}", "generation.max_new_tokens=1000000")
+    # no cap either (max_new_tokens_limit, 2048 by default, would end the answer in seconds on an idle machine):
+    # only the Ctrl-C can end this answer, however late the signal is handled
+    child = spawn(f"model.path={endless_model}", "generation.max_new_tokens=1000000", "max_new_tokens_limit=1000000")
     child.expect_exact("You: ")
     child.sendline(Q1)
     child.expect_exact("Model: ")

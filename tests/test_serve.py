@@ -25,7 +25,7 @@ from openai import OpenAI
 
 from ptune.data import Example
 from ptune.frontend import compose_frontend_config, load_model
-from ptune.generation import GenerationSettings, encode_prompt, generate_answers
+from ptune.generation import GenerationSettings, encode_prompt, generate_answers, generate_ids, stream_answer
 from ptune.loading import load_checkpoint
 from ptune.serve import build_app, main
 from ptune.training import train
@@ -388,3 +388,14 @@ def test_api_answers_equal_the_evaluator_answers(base_url, checkpoint):
         body = {"prompt": ex.prompt, "history": [list(pair) for pair in ex.history]}
         got.append(httpx.post(f"{base_url}/", json=body, timeout=60).json()["response"])
     assert got == expected
+
+
+def test_stream_answer_reports_the_answer_ids_used_for_the_usage_counts(loaded):
+    """Streamed usage counts come from the generated ids, not from re-encoding the text."""
+    settings = GenerationSettings(max_new_tokens=MAX_NEW)
+    for prompt in PROMPTS[:3]:
+        ids: list[int] = []
+        texts = list(stream_answer(loaded, prompt, [], settings, answer_ids=ids))
+        [(_, expected)] = generate_ids(loaded, [encode_prompt(loaded, prompt, [])], settings, 1)
+        assert ids == list(expected) and len(ids) > 0
+        assert texts[-1] == generate_answers(loaded, [Example(prompt, "")], settings, 1)[0]

@@ -29,9 +29,10 @@ Choices:
 Concurrency: the model is not thread-safe. One worker thread owns it and runs jobs from one FIFO queue, one at a
 time: answers never mix and nothing is dropped. The event loop only waits for results (``asyncio.wrap_future``), so
 it keeps answering (``/v1/models``, validation errors) while a long answer is generated. A streaming request is one
-job for its whole generation; its text reaches the event loop through an ``asyncio.Queue``. When a streaming client
-disconnects, its stop event is set: generation ends at the next token and the worker takes the next job; a job
-whose client left before it started is skipped.
+job for its whole generation; its text reaches the event loop through an ``asyncio.Queue``. When a client
+disconnects (streaming: its response stops; otherwise checked every ``DISCONNECT_POLL_SECONDS`` while it waits), its
+stop event is set: generation ends at the next token and the worker takes the next job; a job whose client left
+before it started is skipped.
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ from ptune.hydra_setup import route_library_logs
 from ptune.loading import LoadedModel
 
 DEFAULT_PORT = 8000
+DISCONNECT_POLL_SECONDS = 0.25  # how often a waiting non-streaming request checks that its client is still there
 logger = logging.getLogger(__name__)
 Pairs = list[tuple[str, str]]
 
@@ -309,10 +311,6 @@ class ModelWorker:
         self._jobs.put((job, future))
         return future
 
-    async def run(self, job: Callable[[], Any]) -> Any:
-        """The job's result, without blocking the event loop; cancelling the request cancels a job not yet begun."""
-        return await asyncio.wrap_future(self.submit(job))
-
     def close(self, timeout: float | None = None) -> None:
         self._jobs.put(None)
         self._thread.join(timeout)
@@ -373,14 +371,44 @@ class Service:
 
     # -- run in the worker thread only (the tokenizer and the model are used there, nowhere else) --
 
-    def answer(self, query: str, history: Pairs, settings: GenerationSettings, max_length: int | None = None) -> Answer:
+    async def answer_unless_left(
+        self, request: Request, query: str, history: Pairs, settings: GenerationSettings, max_length: int | None = None
+    ) -> Answer:
+        """``answer`` on the worker. A client that disconnects while it waits or generates stops its job, so an
+        abandoned long answer does not hold up the requests queued behind it."""
+        stop = threading.Event()
+        future = self.worker.submit(functools.partial(self.answer, query, history, settings, max_length, stop))
+        waiting = asyncio.wrap_future(future)
+        while not (await asyncio.wait({waiting}, timeout=DISCONNECT_POLL_SECONDS))[0]:
+            if await request.is_disconnected():
+                stop.set()
+                future.cancel()  # not begun yet: the worker skips it
+                logger.info("a client left before its answer was complete; its generation is stopped")
+                break
+        try:
+            return await waiting
+        except asyncio.CancelledError:
+            if future.cancelled():  # nobody reads this response; the status names what happened in the log
+                raise ApiError(499, "the client closed the request", "client_closed_request") from None
+            raise
+
+    def answer(
+        self,
+        query: str,
+        history: Pairs,
+        settings: GenerationSettings,
+        max_length: int | None = None,
+        stop: threading.Event | None = None,
+    ) -> Answer:
+        if stop is not None and stop.is_set():  # the client left while the job waited
+            return Answer("", 0, 0, "stop")
         prompt = encode_prompt(self.loaded, query, history)
         if max_length is not None:
             # ChatGLM2's api.py: max_length counted prompt and answer together. The answer gets what the prompt
             # leaves, at least one token, and never more than max_new_tokens_limit (clamped, not refused).
             new = min(self.limit, max(1, max_length - len(prompt)))
             settings = dataclasses.replace(settings, max_new_tokens=new)
-        ids = next(generate_ids(self.loaded, [prompt], settings, 1))[1]
+        ids = next(generate_ids(self.loaded, [prompt], settings, 1, stop=stop))[1]
         reason = "length" if len(ids) >= settings.max_new_tokens else "stop"
         return Answer(decode(self.loaded.tokenizer, ids), len(prompt), len(ids), reason)
 
@@ -444,12 +472,11 @@ def build_app(cfg: DictConfig, loaded: LoadedModel) -> FastAPI:
     app.add_middleware(RequestGate, key=api_key(cfg), max_body_bytes=body_bytes)
 
     @app.post("/")
-    async def reference_chat(body: ReferenceRequest) -> dict:
+    async def reference_chat(body: ReferenceRequest, request: Request) -> dict:
         history = [(q, a) for q, a in body.history or []]
         service.check_input(body.prompt, history)
         settings = service.settings(top_p=body.top_p, temperature=body.temperature)
-        job = functools.partial(service.answer, body.prompt, history, settings, body.max_length)
-        answer = await service.worker.run(job)
+        answer = await service.answer_unless_left(request, body.prompt, history, settings, body.max_length)
         return {
             "response": answer.text,
             "history": [[q, a] for q, a in history] + [[body.prompt, answer.text]],
@@ -463,7 +490,7 @@ def build_app(cfg: DictConfig, loaded: LoadedModel) -> FastAPI:
         return {"object": "list", "data": [entry]}
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest):
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
         query, history = to_query(body.messages)
         service.check_input(query, history)
         settings = service.settings(
@@ -481,7 +508,7 @@ def build_app(cfg: DictConfig, loaded: LoadedModel) -> FastAPI:
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
             return _stream_completion(service, query, history, settings, head, usage)
-        answer = await service.worker.run(functools.partial(service.answer, query, history, settings))
+        answer = await service.answer_unless_left(request, query, history, settings)
         return {
             **head,
             "object": "chat.completion",

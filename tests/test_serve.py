@@ -161,12 +161,16 @@ def test_api_key_is_required_on_every_endpoint_when_configured(checkpoint, loade
         assert chat.status_code == 200 and chat.json()["usage"]["completion_tokens"] <= 4
 
 
-async def stream_then_leave(app, path: str, body: dict, after_chunks: int) -> list[bytes]:
-    """Drive the app as uvicorn does (ASGI spec 2.3), disconnect once ``after_chunks`` chunks have arrived, and
-    return when the model is free again."""
+async def call_then_leave(
+    app, path: str, body: dict, after_chunks: int | None = None, after_seconds: float | None = None
+) -> list[bytes]:
+    """Drive the app as uvicorn does (ASGI spec 2.3), disconnect once ``after_chunks`` chunks have arrived (or
+    ``after_seconds`` have passed), and return when the model is free again."""
     request = [{"type": "http.request", "body": json.dumps(body).encode(), "more_body": False}]
     left = asyncio.Event()
     chunks: list[bytes] = []
+    if after_seconds is not None:
+        asyncio.get_running_loop().call_later(after_seconds, left.set)
 
     async def receive() -> dict:
         if request:
@@ -177,7 +181,7 @@ async def stream_then_leave(app, path: str, body: dict, after_chunks: int) -> li
     async def send(message: dict) -> None:
         if message["type"] == "http.response.body" and message.get("body"):
             chunks.append(message["body"])
-            if len(chunks) >= after_chunks:
+            if after_chunks is not None and len(chunks) >= after_chunks:
                 left.set()
 
     scope = {
@@ -200,7 +204,8 @@ async def stream_then_leave(app, path: str, body: dict, after_chunks: int) -> li
     return chunks
 
 
-def test_a_streaming_client_that_leaves_stops_its_generation(checkpoint, loaded, caplog):
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_client_that_leaves_stops_its_generation(checkpoint, loaded, caplog, stream):
     caplog.set_level(logging.INFO, logger="ptune.serve")
     with in_process_app(checkpoint, loaded) as app:
         lengths = {}
@@ -218,12 +223,14 @@ def test_a_streaming_client_that_leaves_stops_its_generation(checkpoint, loaded,
 
         hook = getattr(loaded.model, "base", loaded.model).register_forward_pre_hook(slow_step)
         try:
-            body = {"messages": user(prompt), "max_tokens": 300, "stream": True}
-            chunks = asyncio.run(stream_then_leave(app, "/v1/chat/completions", body, after_chunks=3))
+            body = {"messages": user(prompt), "max_tokens": 300, "stream": stream}
+            leave = {"after_chunks": 3} if stream else {"after_seconds": 0.2}
+            chunks = asyncio.run(call_then_leave(app, "/v1/chat/completions", body, **leave))
         finally:
             hook.remove()
-    assert len(chunks) >= 3 and b"[DONE]" not in b"".join(chunks)
-    assert len(steps) < lengths[prompt] // 2, (len(steps), lengths[prompt])
+    if stream:
+        assert len(chunks) >= 3 and b"[DONE]" not in b"".join(chunks)
+    assert 0 < len(steps) < lengths[prompt] // 2, (len(steps), lengths[prompt])
     assert "its generation is stopped" in caplog.text
 
 

@@ -324,6 +324,11 @@ class Answer:
     finish_reason: str  # "stop" (end token) or "length" (max_new_tokens reached)
 
 
+def finish_reason(ids: Sequence[int], settings: GenerationSettings) -> str:
+    """OpenAI's finish_reason: "length" when the answer used all its new tokens, else "stop"."""
+    return "length" if len(ids) >= settings.max_new_tokens else "stop"
+
+
 def api_key(cfg: DictConfig) -> str | None:
     """The configured key, or None for an open server (``api_key=null`` or empty)."""
     return None if cfg.api_key is None or str(cfg.api_key) == "" else str(cfg.api_key)
@@ -369,8 +374,6 @@ class Service:
             )
         return generation_settings(self.cfg, max_new_tokens=max_new_tokens, **request)
 
-    # -- run in the worker thread only (the tokenizer and the model are used there, nowhere else) --
-
     async def answer_unless_left(
         self, request: Request, query: str, history: Pairs, settings: GenerationSettings, max_length: int | None = None
     ) -> Answer:
@@ -392,6 +395,8 @@ class Service:
                 raise ApiError(499, "the client closed the request", "client_closed_request") from None
             raise
 
+    # -- run in the worker thread only (the tokenizer and the model are used there, nowhere else) --
+
     def answer(
         self,
         query: str,
@@ -409,8 +414,7 @@ class Service:
             new = min(self.limit, max(1, max_length - len(prompt)))
             settings = dataclasses.replace(settings, max_new_tokens=new)
         ids = next(generate_ids(self.loaded, [prompt], settings, 1, stop=stop))[1]
-        reason = "length" if len(ids) >= settings.max_new_tokens else "stop"
-        return Answer(decode(self.loaded.tokenizer, ids), len(prompt), len(ids), reason)
+        return Answer(decode(self.loaded.tokenizer, ids), len(prompt), len(ids), finish_reason(ids, settings))
 
     def stream(
         self, query: str, history: Pairs, settings: GenerationSettings, stop: threading.Event, emit: Callable
@@ -422,8 +426,7 @@ class Service:
         text, ids = "", []
         for text in stream_answer(self.loaded, query, history, settings, stop, answer_ids=ids):
             emit(("text", text))
-        reason = "length" if len(ids) >= settings.max_new_tokens else "stop"
-        emit(("done", Answer(text, prompt_tokens, len(ids), reason)))
+        emit(("done", Answer(text, prompt_tokens, len(ids), finish_reason(ids, settings))))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -18,7 +18,8 @@ Here the SentencePiece model is translated into a ``tokenizers`` BPE model with 
   (transformers' ``split_special_tokens=True``) on, so ``sop``, ``</s>``, ``[gMASK]`` ... in text stay plain text;
 * a ``TemplateProcessing`` post-processor adds ``[gMASK] sop`` (and ``... $B </s>`` for pairs, as the original);
 * decoding equals ``SentencePieceProcessor.decode`` of the non-special ids (see ``_decoder`` for the one corner where
-  ill-formed byte sequences can differ).
+  ill-formed byte sequences can differ), with or without ``skip_special_tokens``: the original turns every special id
+  (``<unk>``/pad, ``<s>``, ``</s>`` and the five appended tokens) into an empty piece, so they decode to ``''``.
 
 Checked against SentencePiece on every AdvertiseGen line, awkward strings and ~12M synthetic strings: identical ids.
 """
@@ -27,9 +28,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
-from tokenizers import AddedToken, Tokenizer, decoders, normalizers, processors
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, processors
 from tokenizers.models import BPE
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
@@ -113,8 +115,11 @@ def _merges(proto) -> list[tuple[str, str]]:
     return [(left, right) for _, _, left, right in ranked]
 
 
-def _decoder(proto) -> decoders.Decoder:
+def _decoder(proto, specials: list[str]) -> decoders.Decoder:
     """SentencePiece's decoding: bytes to text, one U+FFFD per byte of no complete character, ``▁`` to a space.
+
+    ``specials`` decode to ``''`` as in the original (its ``_convert_id_to_token`` maps them to empty pieces), also
+    when ``skip_special_tokens`` is off; the pattern matches a whole token, so a piece merely containing ``sop`` stays.
 
     ``ByteFallback`` turns a whole run of ``<0xXX>`` tokens into U+FFFDs as soon as one byte in it is invalid, where
     SentencePiece replaces only the bytes of no complete character. The ASCII bytes that encoding can emit (those with
@@ -125,7 +130,9 @@ def _decoder(proto) -> decoders.Decoder:
     SentencePiece does.
     """
     singles = {p.piece for p in proto.pieces if p.type == _NORMAL and len(p.piece) == 1}
-    steps = [decoders.Replace(f"<0x{b:02X}>", chr(b)) for b in range(0x80) if chr(b) not in singles]
+    whole_special = Regex("^(?:" + "|".join(re.escape(t) for t in specials) + ")$")
+    steps = [decoders.Replace(whole_special, "")]
+    steps += [decoders.Replace(f"<0x{b:02X}>", chr(b)) for b in range(0x80) if chr(b) not in singles]
     steps += [decoders.ByteFallback(), decoders.Fuse()]
     if proto.normalizer_spec.add_dummy_prefix:
         steps.append(decoders.Strip(content=SPACE, left=1, right=0))
@@ -153,7 +160,9 @@ def build_chatglm2_backend(tokenizer_model: str | os.PathLike) -> Tokenizer:
         steps.insert(0, normalizers.Prepend(SPACE))
     backend.normalizer = normalizers.Sequence(steps)
     backend.pre_tokenizer = None
-    backend.decoder = _decoder(proto)
+    # Special (so decode(skip_special_tokens=True) drops them) and never matched in text: see encode_special_tokens.
+    specials = [p.piece for p in proto.pieces if p.type in (_UNKNOWN, _CONTROL)] + list(CHATGLM2_SPECIAL_TOKENS)
+    backend.decoder = _decoder(proto, specials)
 
     gmask, sop, eos = "[gMASK]", "sop", proto.pieces[proto.trainer_spec.eos_id].piece
     backend.post_processor = processors.TemplateProcessing(
@@ -161,8 +170,6 @@ def build_chatglm2_backend(tokenizer_model: str | os.PathLike) -> Tokenizer:
         pair=f"{gmask}:0 {sop}:0 $A:0 $B:1 {eos}:1",
         special_tokens=[(gmask, vocab[gmask]), (sop, vocab[sop]), (eos, vocab[eos])],
     )
-    # Special (so decode(skip_special_tokens=True) drops them) and never matched in text: see encode_special_tokens.
-    specials = [p.piece for p in proto.pieces if p.type in (_UNKNOWN, _CONTROL)] + list(CHATGLM2_SPECIAL_TOKENS)
     backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
     backend.encode_special_tokens = True
     return backend

@@ -264,3 +264,16 @@ def test_refuses_a_model_it_cannot_reproduce(tmp_path):
     changed.write_bytes(proto.SerializeToString())
     with pytest.raises(ValueError, match="remove_extra_whitespaces"):
         build_chatglm2_tokenizer(changed)
+
+
+def test_decode_keeping_special_tokens_matches_the_original(sp, tok, saved, dev_texts):
+    """The original maps every special id to an empty piece, so decode without skip_special_tokens drops them too."""
+    prompts, answers = dev_texts
+    ids = [PREFIX + a + b + [2] for a, b in zip(sp.encode(prompts[:50]), sp.encode(answers[:50]), strict=True)]
+    expected = [sp.decode(non_special(x)) for x in ids]
+    assert tok.batch_decode(ids, skip_special_tokens=False) == expected
+    assert saved[1].batch_decode(ids, skip_special_tokens=False) == expected  # survives save_pretrained
+    mixed = [0, 0, GMASK, SOP] + sp.encode("你好 world") + [1, MASK, SMASK] + sp.encode("\nsop 再见") + [EOP, 2]
+    assert tok.decode(mixed) == sp.decode(non_special(mixed)) == "你好 world \nsop 再见"
+    assert tok.decode([GMASK, SOP, 2]) == ""
+    assert tok.convert_ids_to_tokens([GMASK, SOP, 2]) == ["[gMASK]", "sop", "</s>"]  # tokens keep their names

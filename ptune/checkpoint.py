@@ -9,31 +9,18 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from safetensors.torch import load_file, save_file
 
+from ptune.durable import atomic_write, atomic_write_bytes
 from ptune.modeling import config_sha256
 from ptune.prefix import PrefixEncoder, PrefixShape
 
 PREFIX_FILE = "prefix.safetensors"
 META_FILE = "ptune_checkpoint.json"
 FORMAT_VERSION = 1
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write to a temporary file beside ``path`` and rename it into place: readers never see half a file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def build_prefix(shape: PrefixShape, prefix_cfg: dict[str, Any], hidden_size: int) -> PrefixEncoder:
@@ -70,9 +57,7 @@ def save_prefix_checkpoint(directory: str | os.PathLike, prefix: PrefixEncoder, 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {name: t.detach().contiguous().cpu() for name, t in prefix.state_dict().items()}
-    tmp = directory / f".{PREFIX_FILE}.tmp"
-    save_file(state, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, directory / PREFIX_FILE)
+    atomic_write(directory / PREFIX_FILE, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
     atomic_write_bytes(directory / META_FILE, json.dumps(metadata, indent=2, ensure_ascii=False).encode())
 
 

@@ -5,7 +5,7 @@ The project rule is that only safetensors (plus plain JSON) are ever written, so
 ``_save_optimizer_and_scheduler`` / ``_load_optimizer_and_scheduler`` / ``_save_rng_state`` /
 ``_load_rng_state`` are overridden to call the functions here instead.
 
-Layout of what is written (every file atomically: temp file in the same directory + ``os.replace``):
+Layout of what is written (every file atomically and durably, see ``ptune.durable``):
 
 * ``optimizer.safetensors`` - every tensor of ``optimizer.state_dict()``: per-parameter state keyed
   ``state.<param_index>.<name>`` (e.g. ``state.0.exp_avg``, ``state.0.step``), and, should a param group hold
@@ -24,12 +24,10 @@ of mixed.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import random
-import tempfile
 import uuid
 import warnings
 from collections.abc import Callable
@@ -40,6 +38,8 @@ import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+
+from ptune.durable import atomic_write
 
 __all__ = [
     "OPTIMIZER_FILES",
@@ -96,28 +96,7 @@ def rng_state_files(process_index: int | None = None) -> tuple[str, str]:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Atomic writing
-
-
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Write ``path`` via a temp file in the same directory and ``os.replace``.
-
-    A crash mid-write (pre-emption while checkpointing) then leaves either the old file or the new one, never
-    a truncated file that would break resuming.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; checkpoints should be readable like any other file
-        write(tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+# Writing (atomic and durable: ``ptune.durable``)
 
 
 def _write_json(path: Path, payload: dict[str, Any]) -> None:
@@ -127,11 +106,11 @@ def _write_json(path: Path, payload: dict[str, Any]) -> None:
         with open(tmp, "w", encoding="utf-8") as handle:
             handle.write(text)
 
-    _atomic_write(path, write)
+    atomic_write(path, write)
 
 
 def _write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def _require_file(path: Path) -> None:

@@ -4,7 +4,8 @@ The loop, schedule, logging, evaluation and resume logic are the library's. Over
 - what a checkpoint holds: the prefix and its metadata (``_save`` / ``_load_from_checkpoint``), never the base;
 - how optimizer, scheduler and RNG states are stored: safetensors + JSON instead of pickles (``ptune.state_io``);
 - where a checkpoint is written: into a hidden staging folder that is renamed to ``checkpoint-N`` when complete,
-  so an interrupted save never leaves a folder that ``resume=auto`` would pick up.
+  so an interrupted save never leaves a folder that ``resume=auto`` would pick up; every file is fsynced before
+  the rename and the folders after it, so a complete-looking checkpoint is complete after a power loss too.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from ptune import state_io
 from ptune.checkpoint import load_prefix_weights, save_prefix_checkpoint
+from ptune.durable import fsync_dir, fsync_tree
 from ptune.prefix import PrefixTunedModel
 
 logger = logging.getLogger(__name__)
@@ -91,14 +93,21 @@ class PrefixTrainer(Seq2SeqTrainer):
             self._staging = None
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
+            fsync_tree(staging_root / name)  # every file on disk before the name says the checkpoint is complete
             final = run_dir / name
+            old = staging_root / f"{name}.old"
+            if old.exists():  # left by a kill between the two renames below; what it held is saved again now
+                logger.warning("removing %s, left by an interrupted save", old)
+                shutil.rmtree(old)
             if final.exists():  # the same step saved again (e.g. a resumed run): swap, then drop the old one
-                old = staging_root / f"{name}.old"
                 os.replace(final, old)
                 os.replace(staging_root / name, final)
+                fsync_dir(run_dir)
                 shutil.rmtree(old)
             else:
                 os.replace(staging_root / name, final)
+                fsync_dir(run_dir)
+            fsync_dir(staging_root)
             with contextlib.suppress(OSError):
                 staging_root.rmdir()  # only if empty: nothing else is staged
             if self.state.best_model_checkpoint and Path(self.state.best_model_checkpoint).parent == staging_root:

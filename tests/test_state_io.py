@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 
 import numpy as np
@@ -366,3 +367,31 @@ def test_failed_write_keeps_previous_file_and_leaves_no_temp(tmp_path, monkeypat
         save_scheduler(scheduler, tmp_path)
     assert (tmp_path / SCHEDULER_FILE).read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == [SCHEDULER_FILE]
+
+
+def test_files_get_the_umask_mode_and_are_fsynced(tmp_path, monkeypatch):
+    """Like any file the user writes (0666 less the umask), not mkstemp's 0600 or a fixed 0644; flushed to disk."""
+    synced = []
+    real_fsync = state_io.os.fsync
+
+    def spy(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(state_io.os, "fsync", spy)
+    model = _model()
+    optimizer = OPTIMIZERS["adamw"](list(model.parameters()))
+    _train(model, optimizer, range(1))
+    previous = os.umask(0o027)
+    try:
+        save_optimizer(optimizer, tmp_path)
+        save_rng_state(tmp_path)
+    finally:
+        os.umask(previous)
+    assert {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()} == {
+        name: 0o640 for name in [*OPTIMIZER_FILES, *rng_state_files()]
+    }
+    names = [*OPTIMIZER_FILES, *rng_state_files()]
+    # each file fsynced under its temporary name (before the rename), the folder after each rename
+    assert all(any(os.path.basename(p).startswith(f".{name}.") for p in synced) for name in names), synced
+    assert synced.count(str(tmp_path)) == len(names)

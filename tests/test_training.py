@@ -239,3 +239,38 @@ def test_bf16_base_with_fp32_prefix(fast_cfg, tmp_path):
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) == 3 and all(x == x for x in losses)
     assert not torch.equal(before, trainer.model.prefix.embedding.weight)  # the fp32 prefix trained
+
+
+def test_checkpoints_are_durable_with_the_users_file_mode(fast_cfg, tmp_path, monkeypatch):
+    """Every checkpoint file is fsynced before its folder is renamed into place, the run folder after; modes follow
+    the umask like any file the user writes."""
+    synced = []
+    real_fsync = os.fsync
+
+    def spy(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    run = tmp_path / "run"
+    previous = os.umask(0o027)
+    try:
+        train(fast_cfg("max_steps=3"), str(run))
+    finally:
+        os.umask(previous)
+    files = sorted(p.name for p in (run / "checkpoint-3").iterdir())
+    assert {name: (run / "checkpoint-3" / name).stat().st_mode & 0o777 for name in files} == dict.fromkeys(files, 0o640)
+    assert set(synced) >= {str(run / ".staging" / "checkpoint-3" / name) for name in files}
+    assert str(run) in synced[synced.index(str(run / ".staging" / "checkpoint-3")) :]  # the rename, flushed
+
+
+def test_a_save_recovers_from_a_kill_between_its_renames(fast_cfg, tmp_path):
+    """A kill between the two renames of a re-save leaves .staging/checkpoint-N.old; the next save of N must work."""
+    run = tmp_path / "run"
+    train(fast_cfg(), str(run))
+    leftover = run / ".staging" / "checkpoint-6.old"
+    leftover.mkdir(parents=True)
+    (leftover / PREFIX_FILE).write_bytes(b"old")
+    train(fast_cfg(f"resume={run / 'checkpoint-3'}"), str(run))  # saves checkpoint-6 again
+    assert not (run / ".staging").exists()
+    assert load_file(str(run / "checkpoint-6" / PREFIX_FILE)).keys() == {"embedding.weight"}

@@ -39,6 +39,9 @@ class ReadResult:
     skipped_empty: int  # rows skipped because prompt or response was empty/whitespace
 
 
+MAX_REPORTED = 20  # bad rows listed in one error
+SKIPPED_SHOWN = 5  # line numbers of skipped empty rows named in the warning
+
 _COLUMN_KEYS = {
     "prompt": "dataset.prompt_column",
     "response": "dataset.response_column",
@@ -58,7 +61,8 @@ def read_examples(
 
     The file is either JSON lines (one object per line, blank lines ignored) or a single JSON list of objects
     (detected by a leading ``[``). Rows whose prompt or response is empty or whitespace-only are skipped,
-    counted in :attr:`ReadResult.skipped_empty` and logged as a warning. A null history counts as no history.
+    counted in :attr:`ReadResult.skipped_empty` and logged as a warning naming the first few lines. A null history
+    counts as no history. Every bad row is reported in one error (the first ``MAX_REPORTED`` listed).
 
     Raises:
         DataError: missing/unreadable file, bad encoding, invalid JSON, missing column, wrong value type,
@@ -71,25 +75,37 @@ def read_examples(
 
     columns = (prompt_column, response_column, history_column)
     examples: list[Example] = []
-    skipped = 0
+    skipped: list[str] = []  # where each skipped row is
+    problems: list[str] = []  # one message per bad row, all reported together
     n_rows = 0
     rows = _iter_list_items(path, text) if stripped[0] == "[" else _iter_lines(path, text)
-    for where, row in rows:
-        n_rows += 1
-        example = _to_example(path, where, row, columns)
-        if example is None:
-            skipped += 1
-        else:
-            examples.append(example)
+    try:
+        for where, row in rows:
+            n_rows += 1
+            try:
+                example = _to_example(path, where, row, columns)
+            except DataError as err:
+                problems.append(str(err))
+                continue
+            if example is None:
+                skipped.append(where)
+            else:
+                examples.append(example)
+    except DataError as err:  # a JSON list that cannot be parsed on: report it with the rows before it
+        problems.append(str(err))
+    if problems:
+        raise DataError(_all_problems(path, problems))
 
     if skipped:
+        shown = ", ".join(skipped[:SKIPPED_SHOWN]) + (", ..." if len(skipped) > SKIPPED_SHOWN else "")
         logger.warning(
-            "%s: skipped %d of %d rows whose '%s' or '%s' is empty or whitespace-only.",
+            "%s: skipped %d of %d rows whose '%s' or '%s' is empty or whitespace-only (line %s).",
             path,
-            skipped,
+            len(skipped),
             n_rows,
             prompt_column,
             response_column,
+            shown,
         )
     if not examples:
         if n_rows == 0:
@@ -99,7 +115,16 @@ def read_examples(
             f"'{response_column}'. Check that dataset.prompt_column / dataset.response_column name the right "
             f"keys."
         )
-    return ReadResult(examples=examples, skipped_empty=skipped)
+    return ReadResult(examples=examples, skipped_empty=len(skipped))
+
+
+def _all_problems(path: str | os.PathLike, problems: list[str]) -> str:
+    """One message for every bad row (the first ``MAX_REPORTED`` listed), so that one pass fixes them all."""
+    if len(problems) == 1:
+        return problems[0]
+    more = f", the first {MAX_REPORTED} below" if len(problems) > MAX_REPORTED else ""
+    listed = "\n".join(f"  {message}" for message in problems[:MAX_REPORTED])
+    return f"{path}: {len(problems)} bad rows{more}; fix them all and run again:\n{listed}"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -140,7 +165,8 @@ def _read_text(path: str | os.PathLike, encoding: str) -> str:
 
 
 def _iter_lines(path: str | os.PathLike, text: str):
-    """Yield (``"line N"``, parsed object) for each non-blank line of a JSON-lines text."""
+    """Yield (``"N"``, parsed object) for each non-blank line of a JSON-lines text; a line that is not JSON yields its
+    :class:`DataError` in place of the object, so that it is reported with the other bad rows."""
     loads = json.loads
     for lineno, line in enumerate(text.split("\n"), 1):
         if not line or line.isspace():
@@ -148,10 +174,10 @@ def _iter_lines(path: str | os.PathLike, text: str):
         try:
             row = loads(line)
         except json.JSONDecodeError as e:
-            raise DataError(
+            row = DataError(
                 f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}). Each line must be one JSON "
                 f'object, e.g. {{"prompt": "...", "response": "..."}}.'
-            ) from None
+            )
         yield f"{lineno}", row
 
 
@@ -212,6 +238,8 @@ def _type_name(value: Any) -> str:
 
 def _to_example(path: str | os.PathLike, where: str, row: Any, columns: tuple[str, str, str | None]) -> Example | None:
     """Validate one parsed row; ``None`` when its prompt or response is empty."""
+    if isinstance(row, DataError):  # the line was not JSON
+        raise row
     if not isinstance(row, dict):
         raise DataError(
             f'{path}:{where}: expected a JSON object like {{"prompt": "...", "response": "..."}}, '

@@ -350,3 +350,36 @@ def test_regenerating_gives_identical_files(tmp_path):
     module.main(["--out", str(tmp_path)])
     for name in SHIPPED:
         assert (tmp_path / name).read_bytes() == (DATA / name).read_bytes(), name
+
+
+def test_every_bad_row_is_reported_at_once(tmp_path):
+    """Up to 20 bad rows in one error, each with file:line and the key, and how many there are in all."""
+    good = json.dumps({"prompt": "p", "response": "r"})
+    lines = [good, '{"prompt": "p", "resp', json.dumps({"prompt": "p", "answer": "r"}), good]
+    lines += [json.dumps({"prompt": 7, "response": "r"})] * 23  # lines 5..27
+    f = write(tmp_path / "bad.json", "\n".join(lines) + "\n")
+    msg = error(f)
+    assert f"{f}: 25 bad rows, the first 20 below" in msg
+    listed = msg.splitlines()[1:]
+    assert len(listed) == 20
+    assert f"{f}:2: not valid JSON" in listed[0]
+    assert f"{f}:3: missing key 'response'" in listed[1]
+    assert [line.split(": ")[0].strip() for line in listed[2:]] == [f"{f}:{n}" for n in range(5, 23)]
+    assert all("'prompt' (the prompt column) must be a string" in line for line in listed[2:])
+
+
+def test_json_list_reports_bad_items_before_a_syntax_error(tmp_path):
+    f = write(tmp_path / "list.json", '[\n{"prompt": "p", "response": "r"},\n7,\n{"prompt": 1, "response": "r"}\n{"x"')
+    msg = error(f)
+    assert f"{f}: 3 bad rows;" in msg
+    assert f"{f}:3 (item 2): expected a JSON object" in msg and f"{f}:4 (item 3): 'prompt'" in msg
+    assert f"{f}:5: not valid JSON" in msg
+
+
+def test_skipped_rows_warning_names_their_lines(tmp_path, caplog):
+    rows = [{"prompt": "p", "response": "r"}] + [{"prompt": "", "response": "r"}] * 7
+    f = write(tmp_path / "train.json", jsonl(*rows))
+    with caplog.at_level(logging.WARNING, logger="ptune.data"):
+        assert read(f).skipped_empty == 7
+    (warning,) = [r.getMessage() for r in caplog.records if r.name == "ptune.data"]
+    assert "skipped 7 of 8 rows" in warning and "(line 2, 3, 4, 5, 6, ...)" in warning

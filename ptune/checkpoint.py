@@ -2,7 +2,8 @@
 
 ``checkpoint-N/`` holds ``prefix.safetensors`` (a few MB even for a 6B base; never base weights) and
 ``ptune_checkpoint.json``: the resolved run config, the prefix's shape and options, the prompt format, the
-source/target lengths, and the base model's path and config hash, so later tools need nothing retyped.
+source/target lengths, and the base model's path, config.json and its hash, so later tools need nothing retyped
+and a changed base is caught (``ptune.config_checks``).
 """
 
 from __future__ import annotations
@@ -48,7 +49,11 @@ def checkpoint_metadata(
             "dropout": prefix.dropout.p,
             "shape": vars(prefix.shape),
         },
-        "base_model": {"path": str(Path(base_path).resolve()), "config_sha256": config_sha256(base_path)},
+        "base_model": {
+            "path": str(Path(base_path).resolve()),
+            "config_sha256": config_sha256(base_path),
+            "config": json.loads((Path(base_path) / "config.json").read_text(encoding="utf-8")),  # names changes
+        },
         "config": run_config,
     }
 

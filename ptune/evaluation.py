@@ -206,7 +206,8 @@ def evaluate_target(cfg: DictConfig) -> list[dict[str, Any]]:
     for checkpoint in checkpoints:
         key = _loader_key(checkpoint, cfg.model.path, cfg.model.dtype)
         if key != loaded_key:  # a new base/prefix configuration: load; otherwise only swap the prefix weights
-            loaded, loaded_key = load_checkpoint(checkpoint, cfg.model.path, cfg.model.dtype), key
+            allow = cfg.allow_base_mismatch
+            loaded, loaded_key = load_checkpoint(checkpoint, cfg.model.path, cfg.model.dtype, allow), key
         else:
             loaded.load_prefix(checkpoint)
         relative = checkpoint.relative_to(target) if checkpoint != target else Path()

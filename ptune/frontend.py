@@ -9,6 +9,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
+from ptune.config_checks import check_frontend_config
 from ptune.generation import GenerationSettings
 from ptune.hydra_setup import REPO_ROOT
 from ptune.loading import LoadedModel, load_base, load_checkpoint
@@ -17,7 +18,9 @@ from ptune.loading import LoadedModel, load_base, load_checkpoint
 def compose_frontend_config(overrides: list[str]) -> DictConfig:
     """``conf/chat.yaml`` with command-line ``key=value`` overrides, as Hydra composes it for train.py."""
     with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base="1.3"):
-        return compose(config_name="chat", overrides=overrides)
+        cfg = compose(config_name="chat", overrides=overrides)
+    check_frontend_config(cfg)  # a bad value fails here, naming its key, not in every request
+    return cfg
 
 
 def load_model(cfg: DictConfig) -> LoadedModel:
@@ -25,7 +28,8 @@ def load_model(cfg: DictConfig) -> LoadedModel:
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
     if cfg.checkpoint:
-        loaded = load_checkpoint(Path(cfg.checkpoint).expanduser(), cfg.model.path, cfg.model.dtype)
+        checkpoint = Path(cfg.checkpoint).expanduser()
+        loaded = load_checkpoint(checkpoint, cfg.model.path, cfg.model.dtype, cfg.allow_base_mismatch)
     elif cfg.model.path:
         prompt = OmegaConf.to_container(cfg.model.prompt)
         loaded = load_base(cfg.model.path, cfg.model.dtype or "float32", prompt, cfg.max_source_length, 0)

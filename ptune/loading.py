@@ -14,7 +14,8 @@ from typing import Any
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ptune.checkpoint import build_prefix, load_prefix_weights, read_metadata
-from ptune.modeling import config_sha256, load_base_model, load_tokenizer
+from ptune.config_checks import check_base_model
+from ptune.modeling import load_base_model, load_tokenizer
 from ptune.prefix import PrefixShape, PrefixTunedModel
 from ptune.prompts import PromptFormat
 
@@ -43,8 +44,13 @@ class LoadedModel:
         self.metadata = read_metadata(checkpoint)
 
 
-def load_checkpoint(checkpoint: str | Path, base_path: str | None = None, dtype: str | None = None) -> LoadedModel:
-    """Base model + prefix from a ``checkpoint-N`` folder; ``base_path``/``dtype`` override the recorded ones."""
+def load_checkpoint(
+    checkpoint: str | Path, base_path: str | None = None, dtype: str | None = None, allow_base_mismatch: bool = False
+) -> LoadedModel:
+    """Base model + prefix from a ``checkpoint-N`` folder; ``base_path``/``dtype`` override the recorded ones.
+
+    A base whose config.json differs from the one the checkpoint was trained on is refused (naming the keys) unless
+    ``allow_base_mismatch``."""
     meta = read_metadata(checkpoint)
     config = meta["config"]
     base = base_path or meta["base_model"]["path"]
@@ -52,8 +58,7 @@ def load_checkpoint(checkpoint: str | Path, base_path: str | None = None, dtype:
         raise FileNotFoundError(
             f"{checkpoint}: its base model {base} is not there; give the folder where it now is with model.path=..."
         )
-    if config_sha256(base) != meta["base_model"]["config_sha256"]:
-        logger.warning("%s was trained on a base whose config.json differs from %s/config.json", checkpoint, base)
+    check_base_model(checkpoint, meta, base, allow_base_mismatch)
     tokenizer = load_tokenizer(base)
     model = load_base_model(base, dtype or config["model"]["dtype"])
     spec = meta["prefix"]

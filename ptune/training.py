@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -10,9 +11,11 @@ import datasets
 import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedTokenizerBase, Seq2SeqTrainingArguments, set_seed
+from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import get_last_checkpoint
 
-from ptune.checkpoint import build_prefix, checkpoint_metadata
+from ptune.checkpoint import build_prefix, checkpoint_metadata, load_prefix_weights, read_metadata
+from ptune.config_checks import check_base_model, check_resume_settings, check_train_config
 from ptune.data import read_examples
 from ptune.features import make_collator, tokenize_file
 from ptune.modeling import load_base_model, load_tokenizer
@@ -61,7 +64,7 @@ def resolve_resume(resume: str | None, output_dir: str) -> str | None:
         raise FileNotFoundError(f"resume={resume}: no such folder")
     if folder.name.startswith("checkpoint-"):
         return str(folder)
-    last = get_last_checkpoint(str(folder))
+    last = get_last_checkpoint(str(folder)) if folder.is_dir() else None  # auto: the run folder may not exist yet
     if last is None and resume != "auto":
         raise FileNotFoundError(f"resume={resume}: no checkpoint-N folder in it")
     if last is None:
@@ -102,6 +105,9 @@ def build_trainer(cfg: DictConfig, output_dir: str) -> PrefixTrainer:
     eval_set = load_split(cfg.dataset, cfg.dataset.validation_file, tokenizer, prompt_format)
     base = load_base_model(cfg.model.path, cfg.model.dtype)
     prefix = build_prefix(PrefixShape.from_config(base.config), cfg.prefix, base.config.hidden_size)
+    if cfg.init_from:  # a fresh schedule from another run's prefix (train() has checked it fits the base)
+        load_prefix_weights(cfg.init_from, prefix)
+        logger.info("prefix weights from %s", cfg.init_from)
     model = PrefixTunedModel(base, prefix, logits_multiple_of=cfg.dataset.pad_to_multiple_of or 1)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     logger.info("base %s frozen; prefix: %s trainable parameters", cfg.model.path, f"{trainable:,}")
@@ -116,10 +122,34 @@ def build_trainer(cfg: DictConfig, output_dir: str) -> PrefixTrainer:
     )
 
 
+def check_checkpoints(cfg: DictConfig, resume: str | None) -> None:
+    """Before anything is loaded: the checkpoints a run starts from fit this base model, and one it resumes these
+    settings (``ptune.config_checks``)."""
+    if cfg.init_from:
+        check_base_model(cfg.init_from, read_metadata(cfg.init_from), cfg.model.path, cfg.allow_base_mismatch)
+    if resume:
+        meta = read_metadata(resume)
+        check_base_model(resume, meta, cfg.model.path, cfg.allow_base_mismatch)
+        check_resume_settings(resume, meta, cfg)
+        logger.info("resuming from %s", resume)
+
+
+def evaluated_at_resume(checkpoint: str) -> bool:
+    """Whether the checkpoint's log history already has the eval loss of its step (then eval_on_start would add it
+    a second time to trainer_state.json)."""
+    state = json.loads((Path(checkpoint) / TRAINER_STATE_NAME).read_text(encoding="utf-8"))
+    return any("eval_loss" in entry and entry["step"] == state["global_step"] for entry in state["log_history"])
+
+
 def train(cfg: DictConfig, output_dir: str) -> float:
     """Train a prefix as ``cfg`` says, writing into ``output_dir``; return the final eval loss."""
+    check_train_config(cfg)
+    checkpoint = resolve_resume(cfg.resume, output_dir)
+    check_checkpoints(cfg, checkpoint)
     trainer = build_trainer(cfg, output_dir)
-    trainer.train(resume_from_checkpoint=resolve_resume(cfg.resume, output_dir))
+    if checkpoint and evaluated_at_resume(checkpoint):
+        trainer.args.eval_on_start = False
+    trainer.train(resume_from_checkpoint=checkpoint)
     evals = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
     final_step_evaluated = evals and evals[-1]["step"] == trainer.state.global_step
     metrics = evals[-1] if final_step_evaluated else trainer.evaluate()

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +15,10 @@ import torch
 from safetensors.torch import load_file
 
 from ptune.checkpoint import META_FILE, PREFIX_FILE, build_prefix, load_prefix_weights, read_metadata
+from ptune.config_checks import ConfigError
 from ptune.data import DataError
+from ptune.frontend import compose_frontend_config, load_model
+from ptune.loading import load_checkpoint
 from ptune.modeling import config_sha256
 from ptune.prefix import PrefixShape
 from ptune.trainer import PrefixTrainer
@@ -64,7 +69,11 @@ def test_checkpoint_holds_the_prefix_and_what_rebuilds_it(fast_cfg, tmp_path):
     saved = load_file(str(ckpt / PREFIX_FILE))
     assert set(saved) == {"embedding.weight", "trans.0.weight", "trans.0.bias", "trans.2.weight", "trans.2.bias"}
     meta = read_metadata(ckpt)
-    assert meta["base_model"] == {"path": str(TINY_GLM.resolve()), "config_sha256": config_sha256(TINY_GLM)}
+    assert meta["base_model"] == {
+        "path": str(TINY_GLM.resolve()),
+        "config_sha256": config_sha256(TINY_GLM),
+        "config": json.loads((TINY_GLM / "config.json").read_text()),
+    }
     assert meta["prefix"]["length"] == 16 and meta["prefix"]["projection"] is True
     assert meta["config"]["dataset"]["max_target_length"] == 128
     assert meta["config"]["model"]["prompt"]["kind"] == "chatglm2"
@@ -104,7 +113,8 @@ def test_resume_continues_exactly(fast_cfg, tmp_path):
 
 def test_resume_auto_picks_the_newest_checkpoint_of_the_run(fast_cfg, tmp_path, monkeypatch):
     run = tmp_path / "run"
-    train(fast_cfg("resume=auto", "max_steps=3"), str(run))  # nothing to resume: a fresh start
+    train(fast_cfg("resume=auto"), str(run))  # nothing to resume: a fresh start
+    shutil.rmtree(run / "checkpoint-6")  # as if killed after step 3's save
     loaded = []
     original = PrefixTrainer._load_optimizer_and_scheduler
 
@@ -274,3 +284,60 @@ def test_a_save_recovers_from_a_kill_between_its_renames(fast_cfg, tmp_path):
     train(fast_cfg(f"resume={run / 'checkpoint-3'}"), str(run))  # saves checkpoint-6 again
     assert not (run / ".staging").exists()
     assert load_file(str(run / "checkpoint-6" / PREFIX_FILE)).keys() == {"embedding.weight"}
+
+
+def test_resume_with_changed_settings_is_refused_and_a_new_schedule_is_offered(fast_cfg, tmp_path, caplog):
+    full = tmp_path / "full"
+    train(fast_cfg(), str(full))
+    checkpoint = full / "checkpoint-3"
+    with pytest.raises(ConfigError, match=r"learning_rate: 0\.02 -> 0\.5\..*learning_rate=0\.02.*init_from=") as info:
+        train(fast_cfg("learning_rate=0.5", f"resume={checkpoint}"), str(tmp_path / "lr"))
+    assert "trainer.learning_rate" not in str(info.value)  # the knob is named, not its copy in the trainer group
+    with pytest.raises(ConfigError, match=r"max_steps: 6 -> 12"):
+        train(fast_cfg("max_steps=12", f"resume={checkpoint}"), str(tmp_path / "longer"))
+    assert not (tmp_path / "lr").exists() and not (tmp_path / "longer").exists()  # refused before anything ran
+
+    # what may change does not stop a resume; the log names the checkpoint; one eval entry per step
+    resumed = tmp_path / "resumed"
+    with caplog.at_level(logging.INFO, logger="ptune"):
+        train(fast_cfg(f"resume={checkpoint}", "trainer.logging_steps=2", "torch_threads=1"), str(resumed))
+    assert f"resuming from {checkpoint}" in caplog.text
+    assert [h["step"] for h in history(resumed) if "eval_loss" in h] == [0, 3, 6]
+
+    # a new schedule from the prefix: the first eval equals the last of the run it starts from
+    fresh = tmp_path / "fresh"
+    train(fast_cfg("learning_rate=0.5", "max_steps=3", f"init_from={full / 'checkpoint-6'}"), str(fresh))
+    first = [h for h in history(fresh) if "eval_loss" in h][0]
+    last = [h for h in history(full) if "eval_loss" in h][-1]
+    assert first["step"] == 0 and first["eval_loss"] == pytest.approx(last["eval_loss"], rel=1e-5)
+    assert [h["learning_rate"] for h in history(fresh) if "loss" in h][0] == pytest.approx(0.5)
+
+
+def test_a_changed_base_model_is_refused_naming_the_keys(fast_cfg, tmp_path, caplog):
+    run = tmp_path / "run"
+    train(fast_cfg(), str(run))
+    checkpoint = run / "checkpoint-3"
+    other = tmp_path / "other-base"
+    shutil.copytree(TINY_GLM, other)
+    config = json.loads((other / "config.json").read_text())
+    config["rope_parameters"]["rope_theta"] = 500000.0
+    (other / "config.json").write_text(json.dumps(config))
+    expected = r"rope_parameters\.rope_theta: 10000\.0 in the checkpoint's, 500000\.0 here.*allow_base_mismatch=true"
+    with pytest.raises(ConfigError, match=expected):
+        train(fast_cfg(f"model.path={other}", f"resume={checkpoint}"), str(tmp_path / "resumed"))
+    with pytest.raises(ConfigError, match=expected):
+        load_checkpoint(checkpoint, base_path=str(other))
+    with pytest.raises(ConfigError, match=expected):
+        load_model(compose_frontend_config([f"checkpoint={checkpoint}", f"model.path={other}"]))
+    with caplog.at_level(logging.WARNING, logger="ptune"):
+        assert load_checkpoint(checkpoint, base_path=str(other), allow_base_mismatch=True).base_path == str(other)
+    assert "rope_theta" in caplog.text
+    resumed = tmp_path / "resumed"
+    train(fast_cfg(f"model.path={other}", f"resume={checkpoint}", "allow_base_mismatch=true"), str(resumed))
+    assert (resumed / "checkpoint-6" / PREFIX_FILE).exists()
+    # a checkpoint from before the config was recorded: still refused, without the keys
+    meta = read_metadata(checkpoint)
+    del meta["base_model"]["config"]
+    (checkpoint / META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match="records only its hash"):
+        load_checkpoint(checkpoint, base_path=str(other))

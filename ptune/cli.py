@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         return estimate.run(args)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    from ptune import chatglm2
+    from ptune import chatglm2, original_ptuning
 
     try:
         if args.command == "convert":
@@ -53,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
             print("\n".join(chatglm2.verify(args.model_dir)))
         else:
             out = args.out or f"{args.checkpoint.rstrip('/')}-ptune"
-            chatglm2.import_ptuning(args.checkpoint, args.base, out, args.max_source_length, args.max_target_length)
+            lengths = args.max_source_length, args.max_target_length
+            original_ptuning.import_ptuning(args.checkpoint, args.base, out, *lengths)
             print(f"wrote {out}: evaluate.py checkpoint={out} dataset=advertisegen dataset.dir=...")
     except (FileNotFoundError, ValueError, NotImplementedError) as err:
         print(f"ptune {args.command}: {err}", file=sys.stderr)

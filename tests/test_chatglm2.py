@@ -310,3 +310,37 @@ def test_cli_help_and_a_bad_checkpoint(tmp_path):
     result = subprocess.run([sys.executable, "-m", "ptune.cli", "--help"], capture_output=True, text=True, check=False)
     assert result.returncode == 0 and "import-ptuning" in result.stdout
     assert cli(["import-ptuning", str(tmp_path), "--base", str(tmp_path)]) == 1
+
+
+def _ptune_imports() -> dict[str, set[str]]:
+    """Every ``ptune.*`` module each ptune module imports, at the top or inside a function."""
+    import ast
+
+    graph = {}
+    for path in (REPO / "ptune").glob("*.py"):
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module == "ptune":
+                deps |= {f"ptune.{alias.name}" for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("ptune."):
+                deps.add(node.module)
+            elif isinstance(node, ast.Import):
+                deps |= {alias.name for alias in node.names if alias.name.startswith("ptune.")}
+        graph[f"ptune.{path.stem}"] = deps
+    return graph
+
+
+def test_no_import_circles_between_ptune_modules():
+    graph = _ptune_imports()
+    assert {"ptune.chatglm2", "ptune.checkpoint", "ptune.modeling"} <= set(graph)
+    circles = []
+    for start in sorted(graph):
+        stack = [[start]]
+        while stack:
+            path = stack.pop()
+            for dep in sorted(graph.get(path[-1], ())):
+                if dep == start:
+                    circles.append(" -> ".join([*path, dep]))
+                elif dep not in path:
+                    stack.append([*path, dep])
+    assert circles == []

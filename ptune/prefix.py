@@ -23,8 +23,14 @@ from torch import nn
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from ptune.chunked_loss import linear_cross_entropy
 
 ATTN_IMPLEMENTATION = "ptune_sdpa"
+# Causal LMs whose logits are exactly ``lm_head(decoder(...).last_hidden_state)`` (no soft-capping or scaling):
+# their loss goes through ptune.chunked_loss. Others keep transformers' head and loss on the labelled positions.
+CHUNKED_LOSS_MODELS = frozenset({"glm", "glm4", "llama", "mistral", "qwen2", "qwen3"})
 
 
 @dataclass(frozen=True)
@@ -181,13 +187,19 @@ class PrefixTunedModel(nn.Module):
         self._active.kv = self.prefix()
 
     def forward(self, *args, labels: torch.Tensor | None = None, **kwargs):
-        """The base's forward. With labels, the output layer and the loss run only on the last positions of the
-        batch, from the first one that predicts a label (for AdvertiseGen ~60% of the tokens): the prompt's logits
-        are never used, and with a 65k vocabulary they are most of the compute and activation memory. The count
-        is rounded up to a multiple of ``logits_multiple_of`` (training sets it to dataset.pad_to_multiple_of):
-        fewer distinct shapes, which on CPU keeps resident memory from growing. The loss is the base's own loss
-        function; ``logits`` then holds only those positions."""
-        if labels is None or not self._keeps_logits or "logits_to_keep" in kwargs:
+        """The base's forward. With labels, the output layer and the loss run only where a label is predicted (for
+        AdvertiseGen ~60% of the tokens): the prompt's logits are never used, and with a 65k vocabulary they are
+        most of the compute and activation memory. For decoders whose head is a plain linear layer
+        (:data:`CHUNKED_LOSS_MODELS`), the labelled positions' hidden states go through the output layer and the
+        loss in chunks (:mod:`ptune.chunked_loss`) and ``logits`` is None; for others the base computes the logits
+        from the first labelled position on. Either way the count is rounded up to a multiple of
+        ``logits_multiple_of`` (training sets it to dataset.pad_to_multiple_of): fewer distinct shapes, which on
+        CPU keeps resident memory from growing. The loss equals the base's own loss function's."""
+        if labels is None or "logits_to_keep" in kwargs:
+            return self.base(*args, labels=labels, **kwargs)
+        if self.config.model_type in CHUNKED_LOSS_MODELS:
+            return self._chunked_loss_forward(*args, labels=labels, **kwargs)
+        if not self._keeps_logits:
             return self.base(*args, labels=labels, **kwargs)
         seq = labels.shape[1]
         # position t predicts token t + 1: the first position to keep is one before the first label
@@ -207,6 +219,21 @@ class PrefixTunedModel(nn.Module):
             logits=out.logits, labels=None, shift_labels=targets, vocab_size=self.config.vocab_size, **loss_kwargs
         )
         return dataclasses.replace(out, loss=loss)
+
+    def _chunked_loss_forward(self, *args, labels: torch.Tensor, **kwargs) -> CausalLMOutputWithPast:
+        """Decoder -> hidden states of the positions that predict a label -> chunked output layer and loss."""
+        num_items = kwargs.pop("num_items_in_batch", None)
+        self._active.kv = self.prefix()  # the decoder is called directly, so the base's pre-hook does not run
+        # no cache: training needs none, and a cache would also turn off transformers' packed-row masks
+        out = self.base.get_decoder()(*args, **{**kwargs, "use_cache": False})
+        targets = nn.functional.pad(labels[:, 1:], (0, 1), value=-100).flatten()  # position t predicts t + 1
+        where = (targets != -100).nonzero().squeeze(1)
+        extra = -where.numel() % self.logits_multiple_of  # padded with ignored rows: fewer distinct shapes
+        selected_targets = nn.functional.pad(targets[where], (0, extra), value=-100)
+        where = torch.cat([where, where[-1:].expand(extra)]) if extra else where
+        hidden = out.last_hidden_state.flatten(0, 1)[where]
+        loss = linear_cross_entropy(hidden, self.base.get_output_embeddings(), selected_targets, num_items)
+        return CausalLMOutputWithPast(loss=loss, hidden_states=out.hidden_states, attentions=out.attentions)
 
     def generate(self, *args, **kwargs):
         return self.base.generate(*args, **kwargs)

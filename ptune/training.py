@@ -19,6 +19,7 @@ from ptune.config_checks import check_base_model, check_resume_settings, check_t
 from ptune.data import read_examples
 from ptune.features import make_collator, tokenize_file
 from ptune.modeling import load_base_model, load_tokenizer
+from ptune.packing import PackingCollator
 from ptune.prefix import PrefixShape, PrefixTunedModel
 from ptune.prompts import PromptFormat
 from ptune.trainer import PrefixTrainer
@@ -94,6 +95,14 @@ def training_arguments(cfg: DictConfig, output_dir: str) -> Seq2SeqTrainingArgum
     )
 
 
+def make_training_collator(dataset_cfg: DictConfig, tokenizer: PreTrainedTokenizerBase):
+    """Packed rows (``dataset.pack_length``) or rows padded to the longest of the micro-batch."""
+    if dataset_cfg.get("pack_length"):
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        return PackingCollator(dataset_cfg.pack_length, pad)
+    return make_collator(tokenizer, dataset_cfg.pad_to_multiple_of)
+
+
 def build_trainer(cfg: DictConfig, output_dir: str) -> PrefixTrainer:
     """Everything before the first step: data, frozen base, fresh prefix, and the trainer around them."""
     if cfg.torch_threads:
@@ -116,7 +125,7 @@ def build_trainer(cfg: DictConfig, output_dir: str) -> PrefixTrainer:
         args=training_arguments(cfg, output_dir),
         train_dataset=_first(train_set, cfg.max_train_samples),
         eval_dataset=_first(eval_set, cfg.max_eval_samples),
-        data_collator=make_collator(tokenizer, cfg.dataset.pad_to_multiple_of),
+        data_collator=make_training_collator(cfg.dataset, tokenizer),
         processing_class=tokenizer,
         checkpoint_metadata=checkpoint_metadata(prefix, cfg.model.path, OmegaConf.to_container(cfg, resolve=True)),
     )

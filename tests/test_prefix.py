@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+import ptune.chunked_loss as chunked_loss
 import ptune.prefix as prefix_module
+from ptune.packing import PackingCollator, pack_rows
 from ptune.prefix import PrefixEncoder, PrefixShape, PrefixTunedModel
 from tests.conftest import tiny_config
 
@@ -170,9 +172,14 @@ def test_prefix_from_another_model_is_refused():
 
 @pytest.mark.parametrize(("arch", "kv_heads"), ARCHS)
 @pytest.mark.parametrize("num_items", [None, 7])
-def test_loss_on_labelled_positions_equals_the_full_logits_loss(arch, kv_heads, num_items):
+@pytest.mark.parametrize("path", ["chunked", "kept_logits"])
+def test_loss_on_labelled_positions_equals_the_full_logits_loss(arch, kv_heads, num_items, path, monkeypatch):
     """The output layer runs only where a label is predicted; loss and prefix gradients are those of the full logits
-    (the base's own loss on all positions), also with the trainer's num_items_in_batch (gradient accumulation)."""
+    (the base's own loss on all positions), also with the trainer's num_items_in_batch (gradient accumulation):
+    through ptune.chunked_loss (chunks of 4 tokens here, so several) and through transformers' own head."""
+    if path == "kept_logits":
+        monkeypatch.setattr(prefix_module, "CHUNKED_LOSS_MODELS", frozenset())
+    monkeypatch.setattr(chunked_loss, "chunk_tokens", lambda vocab_size: 4)
     model = build(arch, kv_heads, projection=True).train()
     ids, mask = batch()
     labels = ids.masked_fill(mask == 0, -100)
@@ -193,10 +200,68 @@ def test_loss_on_labelled_positions_equals_the_full_logits_loss(arch, kv_heads, 
     full, full_grads = loss_and_grads(full=True)
     kept, kept_grads = loss_and_grads(full=False)
     assert full.logits.shape[1] == ids.shape[1] == 9
-    # positions 3..7 predict the labelled tokens 4..8; position 8 predicts nothing: 6 positions, a multiple of 2
-    assert kept.logits.shape[1] == 6
-    torch.testing.assert_close(kept.logits, full.logits[:, 3:])
+    if path == "kept_logits":
+        # positions 3..7 predict the labelled tokens 4..8; position 8 predicts nothing: 6 positions, a multiple of 2
+        assert kept.logits.shape[1] == 6
+        torch.testing.assert_close(kept.logits, full.logits[:, 3:])
+    else:
+        assert kept.logits is None  # no logits tensor for the whole batch exists
     torch.testing.assert_close(kept.loss, full.loss)
     for name, grad in full_grads.items():
         assert grad.abs().sum() > 0, name
         torch.testing.assert_close(kept_grads[name], grad, rtol=1e-5, atol=1e-7)
+    with torch.no_grad():  # evaluation: the same loss without the gradient work
+        torch.testing.assert_close(model(input_ids=ids, attention_mask=mask, labels=labels, **extra).loss, full.loss)
+
+
+def rows_of(lengths: list[int], seed: int = 3) -> list[dict[str, list[int]]]:
+    """Training rows as the tokeniser lays them out: a prompt without labels, then labelled answer tokens."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for length in lengths:
+        ids = torch.randint(3, 97, (length,), generator=gen).tolist()
+        prompt = max(1, length // 3)
+        rows.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
+    return rows
+
+
+@pytest.mark.parametrize(("arch", "kv_heads"), ARCHS)
+@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("pack_length", [12, 13])  # bins exactly full; bins with a padding tail
+def test_packed_rows_give_the_loss_and_gradients_of_unpacked_rows(arch, kv_heads, checkpointing, pack_length):
+    """Four rows packed into two sequences: each row sees only itself and the prefix, positions restart at 0, so the
+    loss and prefix gradients equal those of the plain path (the base's full logits, rows padded to the longest)."""
+    model = build(arch, kv_heads, projection=True).train()
+    if checkpointing:
+        model.activation_checkpointing_enable()
+    rows = rows_of([7, 5, 9, 3])
+    packed = PackingCollator(pack_length, pad_token_id=0)(rows)
+    assert packed["input_ids"].shape == (2, pack_length)
+    assert packed["position_ids"][0, :12].tolist() == [*range(9), *range(3)]  # rows 2 and 3 share a sequence
+    assert packed["position_ids"][1, :12].tolist() == [*range(7), *range(5)]  # rows 0 and 1 the other
+    width = max(len(r["input_ids"]) for r in rows)
+    ids = torch.tensor([r["input_ids"] + [0] * (width - len(r["input_ids"])) for r in rows])
+    labels = torch.tensor([r["labels"] + [-100] * (width - len(r["labels"])) for r in rows])
+    mask = (torch.arange(width) < torch.tensor([len(r["input_ids"]) for r in rows])[:, None]).long()
+    num_items = torch.tensor(int((labels[:, 1:] != -100).sum()))
+
+    def loss_and_grads(**inputs):
+        model.zero_grad()
+        out = inputs.pop("call")(**inputs, num_items_in_batch=num_items)
+        out.loss.backward()
+        return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    plain, plain_grads = loss_and_grads(call=model.base, input_ids=ids, attention_mask=mask, labels=labels)
+    loss, grads = loss_and_grads(call=model, **packed)
+    torch.testing.assert_close(loss, plain)
+    for name, grad in plain_grads.items():
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-6)
+
+
+def test_packing_first_fit_by_decreasing_length():
+    assert pack_rows([7, 5, 9, 3], 12) == [[2, 3], [0, 1]]
+    assert pack_rows([20, 4, 4], 12) == [[0], [1, 2]]  # a row longer than the bin stays alone
+    batch = PackingCollator(12, pad_token_id=0)(rows_of([20, 4]))
+    assert batch["input_ids"].shape == (2, 20)  # sequences as wide as the longest row
+    assert batch["labels"][1, 0] == -100 and batch["labels"][1, 4:].eq(-100).all()

@@ -341,3 +341,22 @@ def test_a_changed_base_model_is_refused_naming_the_keys(fast_cfg, tmp_path, cap
     (checkpoint / META_FILE).write_text(json.dumps(meta))
     with pytest.raises(ConfigError, match="records only its hash"):
         load_checkpoint(checkpoint, base_path=str(other))
+
+
+def test_packed_training_follows_the_unpacked_loss_curve(fast_cfg, tmp_path):
+    """dataset.pack_length: the same rows per step (micro-batch 8 x 1, the same sampler), packed into sequences of
+    256 tokens instead of padded to the longest row: the same training losses step by step, and they fall."""
+    settings = ["trainer.per_device_train_batch_size=8", "trainer.gradient_accumulation_steps=1", "max_steps=8"]
+    curves = {}
+    for pack in ("null", "256"):
+        run = tmp_path / f"run-{pack}"
+        trainer = build_trainer(fast_cfg(*settings, f"dataset.pack_length={pack}"), str(run))
+        trainer.train()
+        curves[pack] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        if pack == "256":
+            batch = next(iter(trainer.get_train_dataloader()))
+            assert "position_ids" in batch and batch["input_ids"].shape[1] == 256
+            assert batch["input_ids"].shape[0] < 8  # several rows per sequence
+    assert len(curves["256"]) == 8
+    assert curves["256"] == pytest.approx(curves["null"], abs=2e-4)
+    assert curves["256"][-1] < curves["256"][0]

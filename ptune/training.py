@@ -16,6 +16,7 @@ from ptune.checkpoint import build_prefix, checkpoint_metadata
 from ptune.data import read_examples
 from ptune.features import make_collator, tokenize_file
 from ptune.modeling import load_base_model, load_tokenizer
+from ptune.objective import check_objective, final_objective
 from ptune.prefix import PrefixShape, PrefixTunedModel
 from ptune.prompts import PromptFormat
 from ptune.trainer import PrefixTrainer
@@ -117,7 +118,9 @@ def build_trainer(cfg: DictConfig, output_dir: str) -> PrefixTrainer:
 
 
 def train(cfg: DictConfig, output_dir: str) -> float:
-    """Train a prefix as ``cfg`` says, writing into ``output_dir``; return the final eval loss."""
+    """Train a prefix as ``cfg`` says, writing into ``output_dir``; return ``cfg.objective`` (the final eval loss
+    by default; see ptune/objective.py)."""
+    check_objective(cfg)
     trainer = build_trainer(cfg, output_dir)
     trainer.train(resume_from_checkpoint=resolve_resume(cfg.resume, output_dir))
     evals = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
@@ -128,4 +131,4 @@ def train(cfg: DictConfig, output_dir: str) -> float:
         trainer.accelerator.wait_for_everyone()
         torch.distributed.destroy_process_group()
     logger.info("final eval loss %.4f; checkpoints in %s", metrics["eval_loss"], output_dir)
-    return float(metrics["eval_loss"])
+    return final_objective(cfg, trainer, float(metrics["eval_loss"]))

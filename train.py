@@ -2,24 +2,33 @@
 
     python train.py                                   # built-in offline default (tiny GLM, synthetic data)
     python train.py max_steps=60 prefix.length=32     # override anything in conf/
-    python train.py -m prefix.length=8,16 learning_rate=1e-2,2e-2   # a sweep, one folder per job
+    python train.py -m prefix.length=8,16 learning_rate=1e-2,2e-2   # a sweep: multirun/DATE/TIME/0..3
+    python train.py -m hydra/launcher=joblib hydra.launcher.n_jobs=2 ...   # its jobs in parallel (sweep extra)
+    python train.py -m hydra/sweeper=prefix_search objective=rouge-l       # an Optuna search (sweep extra)
     python train.py --help                            # the composed config and the groups to choose from
 
-Returns the final eval loss, the objective Hydra sweepers minimise.
+Returns the objective (``objective=``): the final eval loss (minimised) or a generation metric (maximised).
 """
+
+import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
 from ptune.hydra_setup import route_library_logs, run_output_dir
-from ptune.training import train
+from ptune.sweeps import cap_torch_threads, check_plugin_choices
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float:
+    from ptune.training import train  # imported here: a refused command line costs no transformers import
+
     route_library_logs()
+    cap_torch_threads(cfg.torch_threads)
     return train(cfg, run_output_dir())
 
 
 if __name__ == "__main__":
+    check_plugin_choices(sys.argv[1:], Path(__file__).resolve().parent / "conf")
     main()

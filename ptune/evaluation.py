@@ -6,61 +6,84 @@ results table (Markdown, CSV) and a plot of each metric against step, one line p
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
-from collections.abc import Sequence
+import re
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
 
 from ptune.checkpoint import META_FILE, PREFIX_FILE, atomic_write_bytes, read_metadata
 from ptune.data import DataError, Example, read_examples
 from ptune.features import file_sha256
-from ptune.generation import GenerationSettings, generate_answers, reference_label
+from ptune.generation import GenerationSettings, decode, encode_prompt, generate_ids, reference_label
 from ptune.loading import LoadedModel, load_checkpoint
 from ptune.metrics import METRIC_NAMES, compute_metrics
+from ptune.report import rounded, run_params, write_report
 
 logger = logging.getLogger(__name__)
 
 PREDICTIONS_FILE = "generated_predictions.jsonl"
 METRICS_FILE = "metrics.json"
-RESULTS_NAME = "eval_results"  # .md and .csv
-PLOT_FILE = "eval_metrics.png"
 
 
 # -- finding what to evaluate ------------------------------------------------------------------------------------
-def checkpoint_step(checkpoint: Path) -> int:
-    return int(checkpoint.name.rsplit("-", 1)[1])
+def checkpoint_step(checkpoint: Path) -> int | None:
+    """The training step of a checkpoint: its ``trainer_state.json``, else the number in a ``checkpoint-N...``
+    name (``checkpoint-3000-ptune`` from ``ptune import-ptuning``), else None (a folder named ``best``)."""
+    state = checkpoint / "trainer_state.json"
+    if state.is_file():
+        try:
+            return int(json.loads(state.read_text(encoding="utf-8"))["global_step"])
+        except (ValueError, KeyError, TypeError):
+            pass  # unreadable state: fall back to the name
+    match = re.match(r"checkpoint-(\d+)", checkpoint.name)
+    return int(match.group(1)) if match else None
+
+
+def _hidden(path: Path) -> bool:
+    """A folder being written, never a checkpoint: the trainer stages each save in ``.staging/`` (and any other
+    dot-folder is not ours to score)."""
+    return path.name.startswith(".")
+
+
+def _checkpoints_in(folder: Path) -> list[Path]:
+    """The checkpoint folders directly in ``folder``: ``checkpoint-*`` (a broken one is named later, not skipped)
+    and any other folder with a ``ptune_checkpoint.json``."""
+    return [
+        p
+        for p in folder.iterdir()
+        if p.is_dir() and not _hidden(p) and (p.name.startswith("checkpoint-") or (p / META_FILE).is_file())
+    ]
 
 
 def find_checkpoints(target: str | Path) -> list[Path]:
-    """A checkpoint folder itself, the ``checkpoint-N`` of a run folder, or those of every job of a sweep."""
+    """A checkpoint folder itself, the checkpoints of a run folder, or those of every job of a sweep."""
     target = Path(target).expanduser()
     if not target.is_dir():
         raise FileNotFoundError(f"checkpoint={target}: no such folder")
+    staged = [part for part in target.resolve().parts if part.startswith(".")]
+    if staged:
+        raise FileNotFoundError(
+            f"checkpoint={target}: inside {staged[0]}/, where checkpoints are written before they are complete; "
+            "give the finished checkpoint-N beside it"
+        )
     if (target / META_FILE).exists() or target.name.startswith("checkpoint-"):
         return [target]
-    found = [p for p in target.glob("checkpoint-*") if p.is_dir()] or [
-        p for p in target.glob("*/checkpoint-*") if p.is_dir()
+    found = _checkpoints_in(target) or [
+        p for job in sorted(target.iterdir()) if job.is_dir() and not _hidden(job) for p in _checkpoints_in(job)
     ]
-    found = [p for p in found if p.name.rsplit("-", 1)[-1].isdigit()]
     if not found:
         raise FileNotFoundError(
             f"checkpoint={target}: no checkpoint-N folders in it or in its sub-folders; give a checkpoint, a run "
             "folder (outputs/DATE/TIME) or a sweep folder (multirun/DATE/TIME)"
         )
-    return sorted(found, key=lambda p: (str(p.parent), checkpoint_step(p)))
-
-
-def run_overrides(run_dir: Path) -> str:
-    """The command-line overrides of the run, from Hydra's record (how sweep jobs differ)."""
-    path = run_dir / ".hydra" / "overrides.yaml"
-    if not path.exists():
-        return ""
-    return " ".join(str(o) for o in OmegaConf.load(path) if not str(o).startswith("hydra."))
+    return sorted(found, key=lambda p: (str(p.parent), checkpoint_step(p) or -1, p.name))
 
 
 # -- data -----------------------------------------------------------------------------------------------------
@@ -130,6 +153,62 @@ def write_metrics(path: Path, metrics: dict[str, Any]) -> None:
     atomic_write_bytes(path, json.dumps(metrics, indent=2, ensure_ascii=False).encode())
 
 
+def score(predictions: Sequence[str], labels: Sequence[str], processes: int | None) -> dict[str, Any]:
+    """The reference metrics, rounded to 4 places as the reference reports them (in files and logs alike)."""
+    return rounded(compute_metrics(predictions, labels, processes))
+
+
+def eval_labels(loaded: LoadedModel, examples: Sequence[Example]) -> list[str]:
+    return [reference_label(loaded.tokenizer, ex.response, loaded.max_target_length) for ex in examples]
+
+
+def generate_with_progress(
+    loaded: LoadedModel,
+    examples: Sequence[Example],
+    settings: GenerationSettings,
+    batch_size: int,
+    label: str,
+    on_chunk: Callable[[int, list[str]], None] | None = None,
+) -> list[str]:
+    """Answers for ``examples`` in input order, through the one generation path, with a progress bar (rows done,
+    generated tokens per second) and a log line per chunk. Rows are generated a chunk (4 batches) at a time,
+    sorted by length within it; ``on_chunk(start, answers)`` gets each chunk when complete, in input order."""
+    answers: list[str] = []
+    tokens, started = 0, time.perf_counter()
+    chunk = batch_size * 4
+    with tqdm(total=len(examples), desc=f"{label}: generating", unit="row", dynamic_ncols=True) as bar:
+        for start in range(0, len(examples), chunk):
+            part = examples[start : start + chunk]
+            prompts = [encode_prompt(loaded, ex.prompt, ex.history) for ex in part]
+            done = [""] * len(part)
+            for index, ids in generate_ids(loaded, prompts, settings, batch_size):
+                done[index] = decode(loaded.tokenizer, ids)
+                tokens += len(ids)
+                bar.update(1)
+                bar.set_postfix_str(f"{tokens / (time.perf_counter() - started):.0f} tokens/s", refresh=False)
+            answers += done
+            if on_chunk is not None:
+                on_chunk(start, done)
+            rate = tokens / (time.perf_counter() - started)
+            logger.info("%s: %d / %d rows generated (%.0f tokens/s)", label, len(answers), len(examples), rate)
+    return answers
+
+
+def score_examples(
+    loaded: LoadedModel,
+    examples: Sequence[Example],
+    batch_size: int,
+    label: str,
+    settings: GenerationSettings | None = None,
+    processes: int | None = None,
+) -> dict[str, Any]:
+    """Generate and score ``examples`` without writing anything: what the training objective uses; the numbers
+    equal those ``evaluate_checkpoint`` writes for the same rows and settings."""
+    settings = settings or generation_settings(loaded, {})
+    predictions = generate_with_progress(loaded, examples, settings, batch_size, label)
+    return score(predictions, eval_labels(loaded, examples), processes)
+
+
 def evaluate_checkpoint(loaded: LoadedModel, out_dir: Path, options: EvalOptions) -> dict[str, Any]:
     """Generate, write predictions chunk by chunk in input order, then metrics.json (atomically, last)."""
     meta = loaded.metadata
@@ -151,20 +230,18 @@ def evaluate_checkpoint(loaded: LoadedModel, out_dir: Path, options: EvalOptions
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics_path.unlink(missing_ok=True)  # never leave old metrics beside new predictions
 
-    tokenizer = loaded.tokenizer
-    labels = [reference_label(tokenizer, ex.response, loaded.max_target_length) for ex in eval_set.examples]
-    predictions: list[str] = []
-    chunk = options.batch_size * 4  # sorted by length within a chunk; written when the chunk is complete
+    labels = eval_labels(loaded, eval_set.examples)
     with open(predictions_path, "w", encoding="utf-8") as out:
-        for start in range(0, len(eval_set.examples), chunk):
-            part = eval_set.examples[start : start + chunk]
-            answers = generate_answers(loaded, part, settings, options.batch_size)
-            for label, answer in zip(labels[start : start + chunk], answers, strict=True):
+
+        def write_chunk(start: int, answers: list[str]) -> None:  # as each chunk completes, in input order
+            for label, answer in zip(labels[start : start + len(answers)], answers, strict=True):
                 out.write(json.dumps({"labels": label, "predict": answer}, ensure_ascii=False) + "\n")
             out.flush()
-            predictions += answers
-            logger.info("%s: %d / %d rows generated", out_dir.name, len(predictions), len(labels))
-    metrics = {**compute_metrics(predictions, labels, options.metric_processes), "settings": fingerprint}
+
+        predictions = generate_with_progress(
+            loaded, eval_set.examples, settings, options.batch_size, out_dir.name, write_chunk
+        )
+    metrics = {**score(predictions, labels, options.metric_processes), "settings": fingerprint}
     write_metrics(metrics_path, metrics)
     return metrics
 
@@ -172,7 +249,7 @@ def evaluate_checkpoint(loaded: LoadedModel, out_dir: Path, options: EvalOptions
 def score_predictions(path: str | Path, processes: int | None = None) -> dict[str, Any]:
     """Metrics of an existing predictions file, written beside it as metrics.json."""
     labels, predictions = read_predictions(path)
-    metrics = {**compute_metrics(predictions, labels, processes), "settings": {"predictions": str(path)}}
+    metrics = {**score(predictions, labels, processes), "settings": {"predictions": str(path)}}
     write_metrics(Path(path).with_name(METRICS_FILE), metrics)
     return metrics
 
@@ -197,8 +274,9 @@ def evaluate_target(cfg: DictConfig) -> list[dict[str, Any]]:
         metric_processes=cfg.metric_processes,
         force=cfg.force,
     )
+    objectives = set()
     for checkpoint in checkpoints:  # fail before any generation if a checkpoint is broken
-        read_metadata(checkpoint)
+        objectives.add(read_metadata(checkpoint)["config"].get("objective"))
         if not (checkpoint / PREFIX_FILE).is_file():
             raise FileNotFoundError(f"{checkpoint}: no {PREFIX_FILE}; this is not a ptune checkpoint folder")
     out_root = Path(cfg.output_dir).expanduser() if cfg.output_dir else None
@@ -213,63 +291,31 @@ def evaluate_target(cfg: DictConfig) -> list[dict[str, Any]]:
         relative = checkpoint.relative_to(target) if checkpoint != target else Path()
         out_dir = out_root / relative if out_root else checkpoint
         metrics = evaluate_checkpoint(loaded, out_dir, options)
-        run_dir = checkpoint.parent
-        log_to_tensorboard(run_dir, checkpoint_step(checkpoint), metrics)
+        run_dir, step = checkpoint.parent, checkpoint_step(checkpoint)
+        log_to_tensorboard(run_dir, step, metrics)
         rows.append(
             {
                 "run": str(run_dir.relative_to(target)) if run_dir != target and len(checkpoints) > 1 else run_dir.name,
-                "overrides": run_overrides(run_dir),
-                "step": checkpoint_step(checkpoint),
+                "overrides": " ".join(f"{k}={v}" for k, v in run_params(run_dir).items()),
+                "step": step,
                 **{name: metrics[name] for name in (*METRIC_NAMES, "rows", "empty_prediction_share")},
+                "checkpoint": str(checkpoint),
             }
         )
         logger.info("%s: %s", checkpoint, {name: metrics[name] for name in METRIC_NAMES})
     if len(checkpoints) > 1:
-        write_report(rows, out_root or target)
+        (objective,) = objectives if len(objectives) == 1 else (None,)
+        write_report(rows, out_root or target, rank_by=objective if objective in METRIC_NAMES else "rouge-l")
     return rows
 
 
-def log_to_tensorboard(run_dir: Path, step: int, metrics: dict[str, Any]) -> None:
+def log_to_tensorboard(run_dir: Path, step: int | None, metrics: dict[str, Any]) -> None:
+    """Metrics into the run's TensorBoard logs, next to its loss curves; only for a training run's checkpoint with
+    a step (not an imported checkpoint in someone else's folder)."""
+    if step is None or not (run_dir / "trainer_state.json").is_file():
+        return
     from torch.utils.tensorboard import SummaryWriter  # imported here: tensorboard is slow to import
 
     with SummaryWriter(log_dir=str(run_dir / "runs" / "evaluate")) as writer:
         for name in METRIC_NAMES:
             writer.add_scalar(f"eval/{name}", metrics[name], step)
-
-
-def write_report(rows: Sequence[dict[str, Any]], out_dir: Path) -> None:
-    """``eval_results.md`` / ``.csv`` (one row per checkpoint) and ``eval_metrics.png`` (metric vs step per run)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    columns = list(rows[0])
-    with open(out_dir / f"{RESULTS_NAME}.csv", "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_cell(row[c]) for c in columns) + " |" for row in rows]
-    (out_dir / f"{RESULTS_NAME}.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-
-    figure, axes = plt.subplots(1, len(METRIC_NAMES), figsize=(4 * len(METRIC_NAMES), 3.5))
-    runs = dict.fromkeys(row["run"] for row in rows)
-    for run in runs:
-        points = sorted((row["step"], row) for row in rows if row["run"] == run)
-        label = points[0][1]["overrides"] or run
-        for axis, name in zip(axes, METRIC_NAMES, strict=True):
-            axis.plot([s for s, _ in points], [r[name] for _, r in points], marker="o", label=label)
-    for axis, name in zip(axes, METRIC_NAMES, strict=True):
-        axis.set_title(name)
-        axis.set_xlabel("step")
-    axes[0].legend(fontsize="small")
-    figure.tight_layout()
-    figure.savefig(out_dir / PLOT_FILE, dpi=100)
-    plt.close(figure)
-    logger.info("results: %s.md, %s.csv, %s in %s", RESULTS_NAME, RESULTS_NAME, PLOT_FILE, out_dir)
-
-
-def _cell(value: Any) -> str:
-    return f"{value:.4f}" if isinstance(value, float) else str(value)

@@ -7,10 +7,10 @@ import os
 import time
 from pathlib import Path
 
-import datasets
-import transformers
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
+
+from ptune.objective import objective_direction
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,8 +39,26 @@ def run_stamp(fmt: str = "%Y-%m-%d/%H-%M-%S") -> str:
     return time.strftime(fmt, time.localtime(started if started is not None else time.time()))
 
 
+def sqlite_url(path: str) -> str:
+    """``${ptune_sqlite:PATH}``: an SQLAlchemy URL for a sqlite file, its folder made (sqlite will not make it)."""
+    file = Path(path).expanduser().resolve()
+    file.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{file}"
+
+
 def register_resolvers() -> None:
-    for name, fn in {"ptune_root": lambda: str(REPO_ROOT), "ptune_stamp": run_stamp}.items():
+    """``${ptune_root:}``, ``${ptune_stamp:}``, ``${ptune_sqlite:PATH}`` and ``${ptune_direction:OBJECTIVE}``
+    (minimize or maximize, for the Optuna sweeper).
+
+    The stamp is cached (``use_cache``): resolved once per launch, not once per sweep job. Hydra copies the
+    resolver cache of the multirun's config into each job's config, so every job of one ``-m`` launch names the
+    same ``multirun/DATE/TIME`` (as Hydra's own ``${now:}`` does); uncached, each job would open a folder of its own.
+    """
+    if not OmegaConf.has_resolver("ptune_root"):
+        OmegaConf.register_new_resolver("ptune_root", lambda: str(REPO_ROOT))
+    if not OmegaConf.has_resolver("ptune_stamp"):
+        OmegaConf.register_new_resolver("ptune_stamp", run_stamp, use_cache=True)
+    for name, fn in {"ptune_sqlite": sqlite_url, "ptune_direction": objective_direction}.items():
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
 
@@ -52,6 +70,9 @@ def run_output_dir() -> str:
 
 def route_library_logs() -> None:
     """Send transformers' warnings through the root logger, so they reach Hydra's log file, not just stderr."""
+    import datasets  # imported here, not at the top: the entry points check their command line before these load
+    import transformers
+
     transformers.utils.logging.set_verbosity_warning()
     transformers.utils.logging.disable_default_handler()
     transformers.utils.logging.enable_propagation()

@@ -19,6 +19,7 @@ from ptune.config_checks import check_base_model, check_resume_settings, check_t
 from ptune.data import read_examples
 from ptune.features import make_collator, tokenize_file
 from ptune.modeling import load_base_model, load_tokenizer
+from ptune.objective import check_objective, final_objective
 from ptune.packing import PackingCollator
 from ptune.prefix import PrefixShape, PrefixTunedModel
 from ptune.prompts import PromptFormat
@@ -151,8 +152,10 @@ def evaluated_at_resume(checkpoint: str) -> bool:
 
 
 def train(cfg: DictConfig, output_dir: str) -> float:
-    """Train a prefix as ``cfg`` says, writing into ``output_dir``; return the final eval loss."""
+    """Train a prefix as ``cfg`` says, writing into ``output_dir``; return ``cfg.objective`` (the final eval loss
+    by default; see ptune/objective.py)."""
     check_train_config(cfg)
+    check_objective(cfg)
     checkpoint = resolve_resume(cfg.resume, output_dir)
     check_checkpoints(cfg, checkpoint)
     trainer = build_trainer(cfg, output_dir)
@@ -167,4 +170,4 @@ def train(cfg: DictConfig, output_dir: str) -> float:
         trainer.accelerator.wait_for_everyone()
         torch.distributed.destroy_process_group()
     logger.info("final eval loss %.4f; checkpoints in %s", metrics["eval_loss"], output_dir)
-    return float(metrics["eval_loss"])
+    return final_objective(cfg, trainer, float(metrics["eval_loss"]))

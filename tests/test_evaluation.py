@@ -10,17 +10,11 @@ import pytest
 import ptune.evaluation as evaluation
 from ptune.checkpoint import META_FILE, PREFIX_FILE
 from ptune.data import DataError
-from ptune.evaluation import (
-    METRICS_FILE,
-    PLOT_FILE,
-    PREDICTIONS_FILE,
-    evaluate_target,
-    load_eval_set,
-    score_predictions,
-)
+from ptune.evaluation import METRICS_FILE, PREDICTIONS_FILE, evaluate_target, load_eval_set, score_predictions
 from ptune.generation import GenerationSettings, encode_prompt, generate_answers, generate_ids
 from ptune.loading import load_checkpoint
 from ptune.metrics import METRIC_NAMES
+from ptune.report import PLOT_FILE
 from ptune.training import train
 from tests.conftest import FAST, REPO, compose_config, compose_train, make_tiny_model
 from tests.test_training import run_cli
@@ -73,7 +67,7 @@ def test_checkpoint_round_trip_and_rerun_skips(trained_run, tmp_path, monkeypatc
     assert metrics["rouge-1"] > 0 and 0 <= metrics["empty_prediction_share"] <= 1
     assert (trained_run / "runs" / "evaluate").is_dir()  # TensorBoard events at the run
 
-    monkeypatch.setattr(evaluation, "generate_answers", lambda *a, **k: pytest.fail("regenerated a scored checkpoint"))
+    monkeypatch.setattr(evaluation, "generate_ids", lambda *a, **k: pytest.fail("regenerated a scored checkpoint"))
     again = evaluate_target(evaluate_cfg(f"checkpoint={trained_run / 'checkpoint-30'}", f"output_dir={out}"))
     assert again[0]["rouge-l"] == metrics["rouge-l"]
     monkeypatch.undo()

@@ -7,8 +7,6 @@ import os
 import time
 from pathlib import Path
 
-import datasets
-import transformers
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
@@ -52,6 +50,9 @@ def run_output_dir() -> str:
 
 def route_library_logs() -> None:
     """Send transformers' warnings through the root logger, so they reach Hydra's log file, not just stderr."""
+    import datasets  # imported here, not at the top: ``train.py --help`` need not load them
+    import transformers
+
     transformers.utils.logging.set_verbosity_warning()
     transformers.utils.logging.disable_default_handler()
     transformers.utils.logging.enable_propagation()

@@ -1,21 +1,39 @@
 """The one generation path: prompts in, answers out, for the evaluator and every demo.
 
-Batched with left padding (the model computes position ids from the attention mask, so a padded row gets the
-same tokens as alone), rows sorted by length so each batch carries little padding, results in input order.
-Greedy by default, so metrics are reproducible; sampling is an option with a seed.
+One step-wise batched decoder (``BatchDecoder``) does all the decoding: the evaluator fills a batch and runs it
+to the end (``generate_ids``), the chat front ends run one row (``stream_answer``), the API server's scheduler
+lets rows join and leave between steps (``ptune.serve_scheduler``). Rows are left-padded and keep their own
+positions, so a row gets the same tokens batched as alone; the evaluator sorts rows by length so each batch
+carries little padding, results in input order. Greedy by default, so metrics are reproducible; a sampled row
+draws from its own generator seeded with its seed, so its answer does not depend on what it was batched with.
+
+Why our own loop rather than ``generate``: ``generate`` runs a fixed batch to its end (a row cannot join or
+leave), takes one set of sampling settings for the whole batch, and the prefix would be recomputed and copied in
+front of the cache on every step. The token choice itself uses transformers' logits processors.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
-from transformers import PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+from transformers import (
+    DynamicCache,
+    LogitsProcessorList,
+    PreTrainedTokenizerBase,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from ptune.data import Example
 from ptune.loading import LoadedModel
+from ptune.prefix import PrefixTunedModel
+
+GENERATE_DEFAULT_TOP_K = 50  # what ``generate`` samples with when the model's generation config sets no top_k
 
 
 @dataclass(frozen=True)
@@ -74,51 +92,194 @@ def _left_padded(rows: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, 
     return ids, mask
 
 
-class _StopWhenSet(StoppingCriteria):
-    """Ends generation early when a front end sets the event (Ctrl-C in the chat, a client gone)."""
+def _token_chooser(settings: GenerationSettings, top_k: int | None) -> LogitsProcessorList | None:
+    """A sampled row's logits processors, as ``generate`` builds them (temperature, the model's top_k, top_p);
+    None for a greedy row."""
+    if not settings.do_sample:
+        return None
+    chain = LogitsProcessorList()
+    if settings.temperature != 1.0:
+        chain.append(TemperatureLogitsWarper(settings.temperature))
+    if top_k:
+        chain.append(TopKLogitsWarper(top_k))
+    if settings.top_p < 1.0:
+        chain.append(TopPLogitsWarper(settings.top_p))
+    return chain
 
-    def __init__(self, event: threading.Event) -> None:
-        self.event = event
 
-    def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+@dataclass(eq=False)
+class Row:
+    """One prompt being answered: its settings, the answer so far, and why it ended (None while it goes on)."""
+
+    prompt: list[int]
+    settings: GenerationSettings
+    chooser: LogitsProcessorList | None
+    generator: torch.Generator | None  # a sampled row's own random stream: its answer depends on its seed only
+    ids: list[int] = field(default_factory=list)
+    finish: str | None = None  # "stop" (an end token) or "length" (max_new_tokens reached)
 
 
-@torch.inference_mode()
+class BatchDecoder:
+    """Step-wise batched decoding with rows that join and leave between steps (continuous batching).
+
+    ``add`` encodes new prompts together (left-padded) and merges their KV cache into the running batch, ``step``
+    decodes one token for every row, ``remove`` takes rows out (finished, or their client gone). Each row keeps
+    its own positions (0 at its first real token), so a row's tokens are those it would get alone. With a prefix,
+    its keys/values are computed once (``PrefixTunedModel.inference_prefix``) and sit at the front of every row's
+    cache instead of being recomputed and concatenated at every step of every layer. Cache layout per row:
+    ``[prefix | left padding | prompt and answer so far]``; the attention mask marks the padding.
+
+    Not thread-safe: one thread owns a decoder (and the model) at a time."""
+
+    def __init__(self, loaded: LoadedModel) -> None:
+        self.loaded, self.model = loaded, loaded.model
+        self.stops = eos_ids(loaded)
+        self._stop_set = set(self.stops)
+        tokenizer = loaded.tokenizer
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stops[0]
+        self.device = next(self.model.parameters()).device
+        configured = getattr(getattr(getattr(self.model, "base", self.model), "generation_config", None), "top_k", None)
+        self.top_k = GENERATE_DEFAULT_TOP_K if configured is None else configured
+        self.rows: list[Row] = []
+        self._cache: DynamicCache | None = None
+        self._mask: torch.Tensor | None = None  # [rows, cache length]: 1 for the prefix and real tokens, 0 for padding
+        self._positions: torch.Tensor | None = None  # [rows]: the next token's position (its real tokens so far)
+        if isinstance(self.model, PrefixTunedModel):
+            self._prefix: torch.Tensor | None = self.model.inference_prefix()
+            self._forward_context = self.model.prefix_in_cache
+        else:
+            self._prefix, self._forward_context = None, contextlib.nullcontext
+
+    @property
+    def _prefix_length(self) -> int:
+        return 0 if self._prefix is None else self._prefix.shape[3]
+
+    @torch.inference_mode()
+    def add(self, prompts: Sequence[list[int]], settings: Sequence[GenerationSettings]) -> list[Row]:
+        """Encode ``prompts`` together and add them to the batch with their first answer token chosen."""
+        rows = []
+        for prompt, row_settings in zip(prompts, settings, strict=True):
+            sampled = row_settings.do_sample
+            generator = torch.Generator(self.device).manual_seed(row_settings.seed) if sampled else None
+            rows.append(Row(list(prompt), row_settings, _token_chooser(row_settings, self.top_k), generator))
+        ids, real = _left_padded([r.prompt for r in rows], self.pad_id)
+        cache = DynamicCache(config=self.model.config)
+        ones = torch.ones(len(rows), self._prefix_length, dtype=real.dtype)
+        if self._prefix is not None:
+            dtype = next(self.model.parameters()).dtype
+            for layer, kv in enumerate(self._prefix.to(dtype)):
+                keys, values = (part.unsqueeze(0).expand(len(rows), -1, -1, -1).contiguous() for part in kv)
+                cache.update(keys, values, layer)
+        mask = torch.cat([ones, real], dim=1).to(self.device)
+        # positions as ``generate`` gives them: counted over real tokens, padding at 0
+        positions = (real.cumsum(-1) - 1).masked_fill(real == 0, 0).to(self.device)
+        logits = self._forward(ids.to(self.device), mask, positions, cache)
+        self._merge(rows, cache, mask, positions[:, -1] + 1)
+        self._choose(rows, logits)
+        return rows
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        """One new token for every row (rows that have finished must be removed first)."""
+        if any(r.finish for r in self.rows):
+            raise ValueError("remove finished rows before the next step")
+        last = torch.tensor([[r.ids[-1]] for r in self.rows], device=self.device)
+        self._mask = torch.cat([self._mask, self._mask.new_ones(len(self.rows), 1)], dim=1)
+        logits = self._forward(last, self._mask, self._positions[:, None], self._cache)
+        self._positions = self._positions + 1
+        self._choose(self.rows, logits)
+
+    @torch.inference_mode()
+    def remove(self, rows: Sequence[Row]) -> None:
+        """Take ``rows`` out of the batch; padding no remaining row needs is cut from the cache."""
+        gone = {id(r) for r in rows}
+        keep = [k for k, r in enumerate(self.rows) if id(r) not in gone]
+        if len(keep) == len(self.rows):
+            return
+        self.rows = [self.rows[k] for k in keep]
+        if not keep:
+            self._cache = self._mask = self._positions = None
+            return
+        index = torch.tensor(keep, device=self.device)
+        self._mask, self._positions = self._mask[index], self._positions[index]
+        start = self._prefix_length
+        used = self._mask[:, start:].any(dim=0).nonzero()
+        cut = int(used[0]) if used.numel() else 0  # leading columns that are padding for every remaining row
+        columns = torch.cat([torch.arange(start, device=self.device), torch.arange(start + cut, self._mask.shape[1])])
+        columns = columns.to(self.device)
+        self._mask = self._mask[:, columns]
+        for layer in self._cache.layers:
+            layer.keys, layer.values = layer.keys[index][:, :, columns], layer.values[index][:, :, columns]
+
+    def _forward(self, ids, mask, positions, cache) -> torch.Tensor:
+        with self._forward_context():
+            out = self.model(
+                input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, logits_to_keep=1
+            )
+        return out.logits[:, -1, :].to(dtype=torch.float32)
+
+    def _merge(self, rows: list[Row], cache: DynamicCache, mask: torch.Tensor, positions: torch.Tensor) -> None:
+        """Append freshly encoded rows to the batch, left-padding (after the prefix) whichever cache is shorter."""
+        if self._cache is None:
+            self.rows, self._cache, self._mask, self._positions = rows, cache, mask, positions
+            return
+        width = max(self._mask.shape[1], mask.shape[1])
+        old_pad, new_pad = width - self._mask.shape[1], width - mask.shape[1]
+        p = self._prefix_length
+        for old, new in zip(self._cache.layers, cache.layers, strict=True):
+            old.keys = torch.cat([_pad_after(old.keys, p, old_pad, 2), _pad_after(new.keys, p, new_pad, 2)])
+            old.values = torch.cat([_pad_after(old.values, p, old_pad, 2), _pad_after(new.values, p, new_pad, 2)])
+        self._mask = torch.cat([_pad_after(self._mask, p, old_pad, 1), _pad_after(mask, p, new_pad, 1)])
+        self._positions = torch.cat([self._positions, positions])
+        self.rows = self.rows + rows
+
+    def _choose(self, rows: list[Row], logits: torch.Tensor) -> None:
+        greedy = logits.argmax(dim=-1).tolist()
+        for k, row in enumerate(rows):
+            token = greedy[k]
+            if row.chooser is not None:
+                scores = row.chooser(None, logits[k : k + 1])
+                token = int(torch.multinomial(scores.softmax(dim=-1), 1, generator=row.generator))
+            if token in self._stop_set:
+                row.finish = "stop"
+                continue
+            row.ids.append(token)
+            if len(row.ids) >= row.settings.max_new_tokens:
+                row.finish = "length"
+
+
+def _pad_after(tensor: torch.Tensor, start: int, count: int, dim: int) -> torch.Tensor:
+    """``count`` zeros inserted at index ``start`` of ``dim`` (padding between the prefix and the real tokens)."""
+    if count == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = count
+    head, tail = tensor.narrow(dim, 0, start), tensor.narrow(dim, start, tensor.shape[dim] - start)
+    return torch.cat([head, tensor.new_zeros(shape), tail], dim=dim)
+
+
 def generate_ids(
     loaded: LoadedModel,
     prompts: Sequence[list[int]],
     settings: GenerationSettings,
     batch_size: int,
-    streamer: TextIteratorStreamer | None = None,
     stop: threading.Event | None = None,
 ) -> Iterator[tuple[int, list[int]]]:
-    """Yield ``(index, answer ids without eos)`` for each prompt, a batch at a time, longest prompts first.
-
-    ``streamer`` receives the tokens as they come (one prompt only); ``stop`` ends generation when set."""
-    if settings.do_sample:
-        torch.manual_seed(settings.seed)
-    stops = eos_ids(loaded)
-    tokenizer = loaded.tokenizer
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
-    device = next(loaded.model.parameters()).device
+    """Yield ``(index, answer ids without eos)`` for each prompt as it finishes, a batch at a time, longest prompts
+    first. ``stop`` ends generation when set (the rows so far are yielded as they are)."""
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
+    decoder = BatchDecoder(loaded)
     for start in range(0, len(order), batch_size):
         batch = order[start : start + batch_size]
-        ids, mask = _left_padded([prompts[i] for i in batch], pad_id)
-        out = loaded.model.generate(
-            input_ids=ids.to(device),
-            attention_mask=mask.to(device),
-            pad_token_id=pad_id,
-            eos_token_id=stops,
-            streamer=streamer,
-            stopping_criteria=StoppingCriteriaList([_StopWhenSet(stop)]) if stop is not None else None,
-            **settings.generate_kwargs(),
-        )
-        for row, index in enumerate(batch):
-            answer = out[row, ids.shape[1] :].tolist()
-            end = next((k for k, t in enumerate(answer) if t in stops), len(answer))
-            yield index, answer[:end]
+        rows = decoder.add([prompts[i] for i in batch], [settings] * len(batch))
+        index = {id(row): i for row, i in zip(rows, batch, strict=True)}
+        while decoder.rows:
+            ended = [r for r in decoder.rows if r.finish or (stop is not None and stop.is_set())]
+            decoder.remove(ended)
+            for row in ended:
+                yield index[id(row)], row.ids
+            if decoder.rows:
+                decoder.step()
 
 
 def generate_answers(
@@ -141,38 +302,31 @@ def stream_answer(
     answer_ids: list[int] | None = None,
 ) -> Iterator[str]:
     """Yield the answer as it grows (the whole text so far), for chat front ends. Same path as the evaluator:
-    the same prompt ids and ``generate_ids``, so the finished answer equals the evaluator's for the same settings.
+    the same prompt ids and decoder, so the finished answer equals the evaluator's for the same settings.
     ``answer_ids``, if given, receives the answer's token ids once it is complete (for exact token counts).
 
-    Closing the iterator early (a client gone, Ctrl-C) stops generation and waits for it, so the model is free
-    for the next request when this returns."""
-    stop = stop or threading.Event()
-    streamer = TextIteratorStreamer(loaded.tokenizer, skip_prompt=True, skip_special_tokens=True)
-    result: dict[str, list[int] | BaseException] = {}
-
-    def run() -> None:
-        try:
-            prompt = encode_prompt(loaded, query, history)
-            result["ids"] = next(generate_ids(loaded, [prompt], settings, 1, streamer, stop))[1]
-        except BaseException as err:  # re-raised in the caller's thread below
-            result["error"] = err
-            streamer.end()
-
-    worker = threading.Thread(target=run, daemon=True)
-    worker.start()
-    try:
-        text = ""
-        for piece in streamer:
-            text += piece
-            yield text.strip()
-    finally:
-        if worker.is_alive():
-            stop.set()
-        worker.join()
-    if "error" in result:
-        raise result["error"]
+    Generation runs in the caller's thread, a token per iteration: closing the iterator early (a client gone) or
+    an exception in it (Ctrl-C) stops it at once, and ``stop`` ends it at the next token."""
+    decoder = BatchDecoder(loaded)
+    [row] = decoder.add([encode_prompt(loaded, query, history)], [settings])
+    shown = ""
+    while True:
+        text = visible_text(loaded.tokenizer, row.ids, shown)
+        if text != shown:
+            yield text
+            shown = text
+        if row.finish or (stop is not None and stop.is_set()):
+            break
+        decoder.step()
     if answer_ids is not None:
-        answer_ids.extend(result["ids"])
-    final = decode(loaded.tokenizer, result["ids"])
-    if final != text.strip():  # the streamer's incremental decoding can differ at the very end; the ids decide
+        answer_ids.extend(row.ids)
+    final = decode(loaded.tokenizer, row.ids)
+    if final != shown:  # a held-back incomplete character at the very end; the ids decide
         yield final
+
+
+def visible_text(tokenizer: PreTrainedTokenizerBase, ids: Sequence[int], shown: str) -> str:
+    """The answer so far for streaming; ``shown`` while its last token ends in an incomplete character (a byte
+    token that only the next one completes decodes to U+FFFD)."""
+    text = decode(tokenizer, ids)
+    return shown if text.endswith("\ufffd") else text

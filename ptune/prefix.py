@@ -14,8 +14,10 @@ pure function (safe to recompute under gradient checkpointing).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -178,13 +180,43 @@ class PrefixTunedModel(nn.Module):
         base.register_forward_pre_hook(self._compute_prefix)
         self._keeps_logits = "logits_to_keep" in inspect.signature(base.forward).parameters
         self.logits_multiple_of = logits_multiple_of
+        self._inference_kv: tuple[tuple, torch.Tensor] | None = None  # (weights' identity, the prefix they give)
+        self._kv_in_cache = False
 
     @property
     def config(self):
         return self.base.config
 
     def _compute_prefix(self, _module: nn.Module, _args: tuple) -> None:
-        self._active.kv = self.prefix()
+        if self._kv_in_cache:
+            self._active.kv = None
+        elif self.training or torch.is_grad_enabled():
+            self._active.kv = self.prefix()
+        else:
+            self._active.kv = self.inference_prefix()
+
+    def inference_prefix(self) -> torch.Tensor:
+        """The prefix for inference (no gradients, eval mode): input-independent, so it is computed once per set of
+        weights rather than on every forward pass (every decode step). The parameters' version counters change
+        whenever weights are loaded or trained in place, which computes it anew."""
+        params = list(self.prefix.parameters())
+        identity = tuple((p.data_ptr(), p._version) for p in params)
+        if self._inference_kv is None or self._inference_kv[0] != identity:
+            with torch.inference_mode():
+                self._inference_kv = (identity, self.prefix())
+        return self._inference_kv[1]
+
+    @contextlib.contextmanager
+    def prefix_in_cache(self) -> Iterator[None]:
+        """Within this, forward passes do not prepend the prefix: the caller (``ptune.generation.BatchDecoder``) has
+        put ``inference_prefix()`` at the front of the KV cache, so each decode step reads it from there instead of
+        concatenating it in front of every layer's keys/values. Real tokens' positions are the caller's to give
+        (0 at the first real token, as here)."""
+        self._kv_in_cache = True
+        try:
+            yield
+        finally:
+            self._kv_in_cache = False
 
     def forward(self, *args, labels: torch.Tensor | None = None, **kwargs):
         """The base's forward. With labels, the output layer and the loss run only where a label is predicted (for

@@ -51,12 +51,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def server(checkpoint, tmp_path_factory):
-    """``python -m ptune.serve`` started with the module's first test (it loads while in-process tests run), killed
-    at the end. Use ``base_url`` to wait until it answers."""
+def start_server(checkpoint: Path, log: Path, *overrides: str) -> SimpleNamespace:
+    """``python -m ptune.serve`` on a free port; ``wait_until_up`` waits until it answers."""
     port = free_port()
-    log = tmp_path_factory.mktemp("serve-log") / "server.log"
     command = [
         sys.executable,
         "-m",
@@ -66,16 +63,15 @@ def server(checkpoint, tmp_path_factory):
         "torch_threads=1",
         "generation.do_sample=false",
         f"generation.max_new_tokens={MAX_NEW}",
+        *overrides,
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
     with open(log, "wb") as out:
         proc = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=env)
-    yield SimpleNamespace(proc=proc, port=port, log=log, url=f"http://127.0.0.1:{port}")
-    stop_process(proc)
+    return SimpleNamespace(proc=proc, port=port, log=log, url=f"http://127.0.0.1:{port}")
 
 
-@pytest.fixture(scope="module")
-def base_url(server) -> str:
+def wait_until_up(server: SimpleNamespace) -> str:
     deadline = time.monotonic() + 120
     while True:
         if server.proc.poll() is not None:
@@ -88,6 +84,20 @@ def base_url(server) -> str:
         if time.monotonic() > deadline:
             pytest.fail(f"the server did not answer in time:\n{server.log.read_text()[-3000:]}")
         time.sleep(0.2)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def server(checkpoint, tmp_path_factory):
+    """The server as configured by default (batches of up to 16), started with the module's first test (it loads
+    while in-process tests run), killed at the end. Use ``base_url`` to wait until it answers."""
+    running = start_server(checkpoint, tmp_path_factory.mktemp("serve-log") / "server.log")
+    yield running
+    stop_process(running.proc)
+
+
+@pytest.fixture(scope="module")
+def base_url(server) -> str:
+    return wait_until_up(server)
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +113,7 @@ def in_process_app(checkpoint, loaded, *overrides: str):
     try:
         yield app
     finally:
-        app.state.service.worker.close(timeout=30)
+        app.state.service.scheduler.close(timeout=30)
 
 
 def asgi(app, method: str, path: str, **kwargs) -> httpx.Response:
@@ -200,7 +210,9 @@ async def call_then_leave(
     }
     await asyncio.wait_for(app(scope, receive, send), timeout=60)
     # the loop stays up until the model is free again, so only the stop event can have ended the generation early
-    await asyncio.wait_for(asyncio.wrap_future(app.state.service.worker.submit(lambda: None)), timeout=60)
+    deadline = time.monotonic() + 60
+    while app.state.service.scheduler.health()["batch"] and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
     return chunks
 
 
@@ -406,3 +418,170 @@ def test_stream_answer_reports_the_answer_ids_used_for_the_usage_counts(loaded):
         [(_, expected)] = generate_ids(loaded, [encode_prompt(loaded, prompt, [])], settings, 1)
         assert ids == list(expected) and len(ids) > 0
         assert texts[-1] == generate_answers(loaded, [Example(prompt, "")], settings, 1)[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Many users: batching, per-request settings, disconnects, overload (the real server)
+
+
+@pytest.fixture(scope="module")
+def alone(base_url) -> list[str]:
+    """Each prompt's greedy answer asked one by one (nothing else in flight)."""
+    answers = [ask_reference(base_url, prompt) for prompt in PROMPTS]
+    assert len(set(answers)) >= 12  # different enough that mixed-up answers would show
+    return answers
+
+
+class BatchWatch:
+    """Polls ``/health`` in a thread while a test's clients run: the largest batch in flight it saw."""
+
+    def __init__(self, url: str) -> None:
+        self.url, self.seen, self.done = url, [0], False
+        self.pool = ThreadPoolExecutor(1)
+        self.pool.submit(self._poll)
+
+    def _poll(self) -> None:
+        while not self.done:
+            self.seen.append(httpx.get(f"{self.url}/health", timeout=10).json()["batch"])
+            time.sleep(0.005)
+
+    def stop(self) -> int:
+        self.done = True
+        self.pool.shutdown()
+        return max(self.seen)
+
+
+def stream_pieces(url: str, body: dict, leave_after: int | None = None) -> tuple[list[str], set[str], str | None]:
+    """The content pieces of one streamed answer in order, the chunk ids seen and the finish reason; with
+    ``leave_after``, the client closes the connection after that many pieces."""
+    pieces, ids, finish = [], set(), None
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json={**body, "stream": True}, timeout=120) as response:
+        assert response.status_code == 200, response.read()
+        for line in response.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[len("data: ") :])
+            ids.add(chunk["id"])
+            choice = chunk["choices"][0]
+            finish = choice["finish_reason"] or finish
+            if choice["delta"].get("content"):
+                pieces.append(choice["delta"]["content"])
+                if leave_after is not None and len(pieces) >= leave_after:
+                    break
+    return pieces, ids, finish
+
+
+def test_sixteen_concurrent_greedy_clients_get_the_answers_asked_one_by_one_in_one_batch(base_url, alone):
+    watch = BatchWatch(base_url)
+    with ThreadPoolExecutor(len(PROMPTS)) as pool:
+        answers = list(pool.map(lambda p: ask_reference(base_url, p), PROMPTS))
+    assert answers == alone
+    assert watch.stop() >= 8  # they really were decoded together (not one after another)
+
+
+def test_streaming_rows_in_one_batch_each_receive_only_their_own_tokens_in_order(base_url, alone):
+    watch = BatchWatch(base_url)
+    with ThreadPoolExecutor(len(PROMPTS)) as pool:
+        streams = list(pool.map(lambda p: stream_pieces(base_url, {"messages": user(p)}), PROMPTS))
+    largest = watch.stop()
+    for (pieces, ids, finish), expected in zip(streams, alone, strict=True):
+        assert len(pieces) > 1 and "".join(pieces) == expected  # its own text, every piece in order
+        assert len(ids) == 1 and finish in ("stop", "length")
+    assert len({next(iter(ids)) for _, ids, _ in streams}) == len(PROMPTS)
+    assert largest >= 8
+
+
+def test_a_client_that_leaves_mid_batch_does_not_disturb_the_other_rows(server, base_url, alone):
+    def client(i: int) -> list[str]:
+        return stream_pieces(base_url, {"messages": user(PROMPTS[i])}, leave_after=2 if i == 0 else None)[0]
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(client, range(8)))
+    assert len(results[0]) == 2
+    assert ["".join(pieces) for pieces in results[1:]] == alone[1:8]
+    deadline = time.monotonic() + 30
+    while httpx.get(f"{base_url}/health").json()["batch"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert httpx.get(f"{base_url}/health").json()["batch"] == 0  # its row was freed too
+    assert "its generation is stopped" in server.log.read_text()
+    assert ask_reference(base_url, PROMPTS[0]) == alone[0]
+
+
+def test_settings_are_honoured_per_request_in_one_batch(base_url, alone, loaded):
+    sampled = {"messages": user(PROMPTS[5]), "temperature": 0.9, "top_p": 0.8, "seed": 3, "max_tokens": 40}
+    requests = [
+        {"messages": user(PROMPTS[0])},  # greedy, the server's max_new_tokens
+        {"messages": user(PROMPTS[0]), "max_tokens": 5},  # greedy, its own length
+        sampled,
+        {**sampled, "seed": 4},
+        {"messages": user(PROMPTS[7]), "temperature": 0},  # 0: greedy
+    ] * 3
+
+    def ask(body: dict) -> dict:
+        return httpx.post(f"{base_url}/v1/chat/completions", json=body, timeout=120).json()
+
+    sampled_alone = ask(sampled)["choices"][0]["message"]["content"]
+    watch = BatchWatch(base_url)
+    with ThreadPoolExecutor(len(requests)) as pool:
+        results = list(pool.map(ask, requests))
+    assert watch.stop() >= 5
+    texts = [r["choices"][0]["message"]["content"] for r in results]
+    for k in range(0, len(requests), 5):
+        full, short, seed3, seed4, greedy = texts[k : k + 5]
+        assert full == alone[0] and greedy == alone[7]
+        assert results[k + 1]["usage"]["completion_tokens"] == 5 and results[k + 1]["choices"][0]["finish_reason"]
+        assert full.startswith(short) and len(short) < len(full)
+        assert seed3 == sampled_alone  # a sampled row draws from its own seeded generator, whatever its batch
+        assert seed4 != seed3
+    settings = GenerationSettings(max_new_tokens=40, do_sample=True, temperature=0.9, top_p=0.8, seed=3)
+    assert sampled_alone == generate_answers(loaded, [Example(PROMPTS[5], "")], settings, 1)[0]  # exactly those
+
+
+def test_health_reports_the_queue_and_the_batch_in_flight(base_url):
+    health = httpx.get(f"{base_url}/health").json()
+    assert health == {**health, "status": "ok", "queue": 0, "batch": 0, "max_batch_size": 16, "max_queue": 64}
+
+
+@pytest.fixture(scope="module")
+def small_server(checkpoint, tmp_path_factory):
+    """One request at a time and one waiting: the next get 503."""
+    log = tmp_path_factory.mktemp("serve-small") / "server.log"
+    running = start_server(checkpoint, log, "max_batch_size=1", "max_queue=1", "max_new_tokens_limit=300")
+    yield running
+    stop_process(running.proc)
+
+
+def test_a_full_queue_gets_503_with_retry_after_and_the_rest_are_answered(small_server):
+    url = wait_until_up(small_server)
+    lengths = {p: len(ask_reference(url, p, max_length=10**9)) for p in PROMPTS[:4]}
+    prompt = max(lengths, key=lengths.get)  # the longest answer: the others arrive while it is generated
+    expected = ask_reference(url, prompt, max_length=10**9)
+
+    def ask(_: int) -> httpx.Response:
+        return httpx.post(f"{url}/", json={"prompt": prompt, "max_length": 10**9}, timeout=120)
+
+    with ThreadPoolExecutor(10) as pool:
+        responses = list(pool.map(ask, range(10)))
+    busy = [r for r in responses if r.status_code == 503]
+    assert busy and all(r.headers["retry-after"] == "1" for r in busy)
+    assert all(r.json()["error"]["code"] == "server_busy" and "max_queue" in r.text for r in busy)
+    answered = [r.json()["response"] for r in responses if r.status_code == 200]
+    assert len(answered) + len(busy) == 10 and answered and set(answered) == {expected}
+
+
+def test_stream_takes_only_json_booleans_and_a_chunked_oversized_body_is_body_too_large(base_url):
+    chat = f"{base_url}/v1/chat/completions"
+    for value in ("yes", 1, "true"):
+        response = httpx.post(chat, json={"messages": user("hi"), "stream": value}, timeout=30)
+        assert response.status_code == 422 and "stream" in response.json()["error"]["message"], response.text
+    options = {"messages": user("hi"), "stream": True, "stream_options": {"include_usage": "yes"}}
+    assert httpx.post(chat, json=options, timeout=30).status_code == 422
+
+    def chunked():  # no Content-Length: the size shows only while the body is read
+        yield b'{"prompt": "'
+        for _ in range(14):
+            yield b"x" * 100_000
+        yield b'"}'
+
+    response = httpx.post(f"{base_url}/", content=chunked(), headers={"Content-Type": "application/json"}, timeout=30)
+    assert response.status_code == 413 and response.json()["error"]["code"] == "body_too_large", response.text

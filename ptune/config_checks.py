@@ -103,42 +103,41 @@ FRONTEND_RULES = {
     "allow_base_mismatch": BOOL,
 }
 
+_ABSENT = object()
+
 #: groups whose keys are all defined by their YAML files (``trainer`` takes any Seq2SeqTrainingArguments field)
 CLOSED_GROUPS = ("dataset", "model", "prefix")
+
+
+def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(node, dict) or not node:
+        return {prefix[:-1]: node} if prefix else {}
+    flat: dict[str, Any] = {}
+    for key, value in node.items():
+        flat |= _flat(value, f"{prefix}{key}.")
+    return flat
 
 
 def type_problems(cfg: DictConfig, rules: dict[str, Rule]) -> list[str]:
     """One line per key whose value breaks its rule (keys absent from ``cfg`` are not checked)."""
     problems = []
     for key, rule in rules.items():
-        if OmegaConf.select(cfg, key, default="<absent>") == "<absent>":
-            continue
-        value = OmegaConf.select(cfg, key)
-        if not rule.ok(value):
+        value = OmegaConf.select(cfg, key, default=_ABSENT)
+        if value is not _ABSENT and not rule.ok(value):
             problems.append(f"{key}={value!r}: must be {rule.what}")
     return problems
 
 
-def _dotted_keys(node: Any, prefix: str = "") -> set[str]:
-    if not isinstance(node, dict):
-        return set()
-    keys = set()
-    for key, value in node.items():
-        name = f"{prefix}{key}"
-        keys.add(name)
-        keys |= _dotted_keys(value, f"{name}.")
-    return keys
-
-
 def known_keys(group: str) -> set[str]:
-    """Every key that ``conf/GROUP/*.yaml`` (and the experiment presets, for that group) define, dotted."""
-    keys: set[str] = set()
+    """Every key that ``conf/GROUP/*.yaml`` (and the experiment presets, for that group) define, dotted, with the
+    keys holding them (``prompt`` for ``prompt.kind``)."""
+    leaves: set[str] = set()
     for path in (CONF / group).glob("*.yaml"):
-        keys |= _dotted_keys(OmegaConf.to_container(OmegaConf.load(path), resolve=False))
+        leaves |= _flat(OmegaConf.to_container(OmegaConf.load(path), resolve=False)).keys()
     for path in (CONF / "experiment").glob("*.yaml"):
         preset = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
-        keys |= _dotted_keys(preset.get(group) if isinstance(preset, dict) else None)
-    return keys - {"defaults"}
+        leaves |= _flat(preset.get(group) if isinstance(preset, dict) else None).keys()
+    return {".".join(leaf.split(".")[:n]) for leaf in leaves for n in range(1, leaf.count(".") + 2)} - {"defaults"}
 
 
 def unknown_key_problems(cfg: DictConfig) -> list[str]:
@@ -151,11 +150,8 @@ def unknown_key_problems(cfg: DictConfig) -> list[str]:
         if group not in cfg:
             continue
         known = known_keys(group)
-        unknown = _dotted_keys(OmegaConf.to_container(cfg[group], resolve=False)) - known
-        for key in sorted(unknown):
-            if key.rpartition(".")[0] not in unknown:  # name only the outermost unknown key
-                choices = ", ".join(sorted(known))
-                problems.append(f"{group}.{key}: unknown key; the {group} group takes {choices}")
+        for key in sorted(_flat(OmegaConf.to_container(cfg[group], resolve=False)).keys() - known):
+            problems.append(f"{group}.{key}: unknown key; the {group} group takes {', '.join(sorted(known))}")
     if "trainer" in cfg:
         fields = {field.name for field in dataclasses.fields(Seq2SeqTrainingArguments)}
         for key in sorted(set(cfg.trainer) - fields):
@@ -182,13 +178,7 @@ def check_frontend_config(cfg: DictConfig) -> None:
 # -- a checkpoint against the base model and the settings it is used with ---------------------------------------
 
 
-def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(node, dict) or not node:
-        return {prefix[:-1]: node} if prefix else {}
-    flat: dict[str, Any] = {}
-    for key, value in node.items():
-        flat |= _flat(value, f"{prefix}{key}.")
-    return flat
+MAX_SHOWN = 12  # differing base-config keys named in the message
 
 
 def base_config_problem(meta: dict[str, Any], base_path: str | Path) -> str | None:
@@ -201,11 +191,18 @@ def base_config_problem(meta: dict[str, Any], base_path: str | Path) -> str | No
     trained = _flat(recorded["config"])
     current = _flat(json.loads((Path(base_path) / "config.json").read_text(encoding="utf-8")))
     changes = [
-        f"{key}: {trained.get(key, '(absent)')!r} in the checkpoint's, {current.get(key, '(absent)')!r} here"
+        f"{key}: {_shown(trained, key)} in the checkpoint's, {_shown(current, key)} here"
         for key in sorted(trained.keys() | current.keys())
-        if trained.get(key, "(absent)") != current.get(key, "(absent)")
+        if trained.get(key, _ABSENT) != current.get(key, _ABSENT)
     ]
-    return "; ".join(changes) if changes else "the same keys and values in another form"
+    if not changes:
+        return "the same keys and values in another form"
+    more = f"; and {len(changes) - MAX_SHOWN} more" if len(changes) > MAX_SHOWN else ""
+    return "; ".join(changes[:MAX_SHOWN]) + more
+
+
+def _shown(config: dict[str, Any], key: str) -> str:
+    return repr(config[key]) if key in config else "absent"
 
 
 def check_base_model(checkpoint: str | Path, meta: dict[str, Any], base_path: str | Path, allow: bool) -> None:

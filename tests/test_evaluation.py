@@ -142,7 +142,7 @@ def test_broken_checkpoints_are_named(trained_run, tmp_path):
 
 def test_prefix_for_another_base_is_refused(trained_run, tmp_path):
     other = make_tiny_model("llama", tmp_path / "mqa-llama", kv_heads=1)
-    with pytest.raises(ValueError, match=r"checkpoint-15: .*belongs to another model.*model\.path"):
+    with pytest.raises(ValueError, match=r"checkpoint-15 was trained on a base .*num_key_value_heads.*model\.path"):
         evaluate_target(evaluate_cfg(f"checkpoint={trained_run / 'checkpoint-15'}", f"model.path={other}"))
 
 

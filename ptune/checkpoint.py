@@ -2,7 +2,8 @@
 
 ``checkpoint-N/`` holds ``prefix.safetensors`` (a few MB even for a 6B base; never base weights) and
 ``ptune_checkpoint.json``: the resolved run config, the prefix's shape and options, the prompt format, the
-source/target lengths, and the base model's path and config hash, so later tools need nothing retyped.
+source/target lengths, and the base model's path, config hash and quantization, so later tools need nothing
+retyped.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ptune.modeling import config_sha256
@@ -48,9 +50,10 @@ def build_prefix(shape: PrefixShape, prefix_cfg: dict[str, Any], hidden_size: in
 
 
 def checkpoint_metadata(
-    prefix: PrefixEncoder, base_path: str | os.PathLike, run_config: dict[str, Any]
+    prefix: PrefixEncoder, base_path: str | os.PathLike, run_config: dict[str, Any], quantization: str | None = None
 ) -> dict[str, Any]:
-    """What a checkpoint records besides the weights."""
+    """What a checkpoint records besides the weights; ``quantization``: how the base's layers were loaded (int8,
+    int4, nf4 or None), so the tools that load the checkpoint load the base the same way."""
     projection = prefix.trans is not None
     return {
         "format_version": FORMAT_VERSION,
@@ -61,7 +64,11 @@ def checkpoint_metadata(
             "dropout": prefix.dropout.p,
             "shape": vars(prefix.shape),
         },
-        "base_model": {"path": str(Path(base_path).resolve()), "config_sha256": config_sha256(base_path)},
+        "base_model": {
+            "path": str(Path(base_path).resolve()),
+            "config_sha256": config_sha256(base_path),
+            "quantization": quantization,
+        },
         "config": run_config,
     }
 
@@ -88,7 +95,10 @@ def load_prefix_weights(directory: str | os.PathLike, prefix: PrefixEncoder) -> 
     path = Path(directory) / PREFIX_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{directory}: no {PREFIX_FILE}; this is not a ptune checkpoint folder")
-    state = load_file(str(path))
+    try:
+        state = load_file(str(path))
+    except SafetensorError as err:  # e.g. a file cut short: "incomplete metadata", which names no file
+        raise ValueError(f"{path}: not a readable safetensors file ({err}): truncated or corrupt") from None
     expected = {name: tuple(t.shape) for name, t in prefix.state_dict().items()}
     found = {name: tuple(t.shape) for name, t in state.items()}
     if found != expected:

@@ -43,8 +43,11 @@ class LoadedModel:
         self.metadata = read_metadata(checkpoint)
 
 
-def load_checkpoint(checkpoint: str | Path, base_path: str | None = None, dtype: str | None = None) -> LoadedModel:
-    """Base model + prefix from a ``checkpoint-N`` folder; ``base_path``/``dtype`` override the recorded ones."""
+def load_checkpoint(
+    checkpoint: str | Path, base_path: str | None = None, dtype: str | None = None, quantization: str | None = None
+) -> LoadedModel:
+    """Base model + prefix from a ``checkpoint-N`` folder; ``base_path``/``dtype``/``quantization`` override the
+    recorded ones (``quantization="none"``: a full-precision base even if the checkpoint's was quantized)."""
     meta = read_metadata(checkpoint)
     config = meta["config"]
     base = base_path or meta["base_model"]["path"]
@@ -55,7 +58,8 @@ def load_checkpoint(checkpoint: str | Path, base_path: str | None = None, dtype:
     if config_sha256(base) != meta["base_model"]["config_sha256"]:
         logger.warning("%s was trained on a base whose config.json differs from %s/config.json", checkpoint, base)
     tokenizer = load_tokenizer(base)
-    model = load_base_model(base, dtype or config["model"]["dtype"])
+    recorded = meta["base_model"].get("quantization")  # absent in checkpoints from before quantization existed
+    model = load_base_model(base, dtype or config["model"]["dtype"], quantization or recorded)
     spec = meta["prefix"]
     prefix = build_prefix(PrefixShape(**spec["shape"]), spec, hidden_size=model.config.hidden_size)
     try:
@@ -77,10 +81,15 @@ def load_checkpoint(checkpoint: str | Path, base_path: str | None = None, dtype:
 
 
 def load_base(
-    path: str | Path, dtype: str, prompt: dict[str, Any], max_source_length: int, max_target_length: int
+    path: str | Path,
+    dtype: str,
+    prompt: dict[str, Any],
+    max_source_length: int,
+    max_target_length: int,
+    quantization: str | None = None,
 ) -> LoadedModel:
     """The bare base model, no prefix (``model.path=...`` in the demos)."""
-    model = load_base_model(path, dtype).eval()
+    model = load_base_model(path, dtype, quantization).eval()
     return LoadedModel(
         model=model,
         tokenizer=load_tokenizer(path),

@@ -18,6 +18,7 @@ from ptune.features import make_collator, tokenize_file
 from ptune.modeling import load_base_model, load_tokenizer
 from ptune.prefix import PrefixShape, PrefixTunedModel
 from ptune.prompts import PromptFormat
+from ptune.quantization import model_quantization
 from ptune.trainer import PrefixTrainer
 
 logger = logging.getLogger(__name__)
@@ -100,7 +101,7 @@ def build_trainer(cfg: DictConfig, output_dir: str) -> PrefixTrainer:
     prompt_format = PromptFormat.from_config(cfg.model.prompt)
     train_set = load_split(cfg.dataset, cfg.dataset.train_file, tokenizer, prompt_format)
     eval_set = load_split(cfg.dataset, cfg.dataset.validation_file, tokenizer, prompt_format)
-    base = load_base_model(cfg.model.path, cfg.model.dtype)
+    base = load_base_model(cfg.model.path, cfg.model.dtype, cfg.model.quantization)
     prefix = build_prefix(PrefixShape.from_config(base.config), cfg.prefix, base.config.hidden_size)
     model = PrefixTunedModel(base, prefix, logits_multiple_of=cfg.dataset.pad_to_multiple_of or 1)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -112,7 +113,9 @@ def build_trainer(cfg: DictConfig, output_dir: str) -> PrefixTrainer:
         eval_dataset=_first(eval_set, cfg.max_eval_samples),
         data_collator=make_collator(tokenizer, cfg.dataset.pad_to_multiple_of),
         processing_class=tokenizer,
-        checkpoint_metadata=checkpoint_metadata(prefix, cfg.model.path, OmegaConf.to_container(cfg, resolve=True)),
+        checkpoint_metadata=checkpoint_metadata(
+            prefix, cfg.model.path, OmegaConf.to_container(cfg, resolve=True), model_quantization(base)
+        ),
     )
 
 

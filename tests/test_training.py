@@ -64,7 +64,11 @@ def test_checkpoint_holds_the_prefix_and_what_rebuilds_it(fast_cfg, tmp_path):
     saved = load_file(str(ckpt / PREFIX_FILE))
     assert set(saved) == {"embedding.weight", "trans.0.weight", "trans.0.bias", "trans.2.weight", "trans.2.bias"}
     meta = read_metadata(ckpt)
-    assert meta["base_model"] == {"path": str(TINY_GLM.resolve()), "config_sha256": config_sha256(TINY_GLM)}
+    assert meta["base_model"] == {
+        "path": str(TINY_GLM.resolve()),
+        "config_sha256": config_sha256(TINY_GLM),
+        "quantization": None,
+    }
     assert meta["prefix"]["length"] == 16 and meta["prefix"]["projection"] is True
     assert meta["config"]["dataset"]["max_target_length"] == 128
     assert meta["config"]["model"]["prompt"]["kind"] == "chatglm2"

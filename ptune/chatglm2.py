@@ -4,15 +4,20 @@ The original folder (``config.json`` with model_type ``chatglm``, ``tokenizer.mo
 shards and an index) needs its remote code, which no longer runs. Here its config is translated field by field,
 its weights renamed and split (``query_key_value`` -> q/k/v), and its tokenizer rebuilt, with no code from it.
 Loading converts shard by shard into a model allocated once, so peak host memory stays near one copy.
+
+The published quantized variants (``chatglm2-6b-int4``: ``quantization_bit`` in config.json, one
+``pytorch_model.bin``, each layer's four linear weights as packed int8 with a ``weight_scale``) load the same way
+into ``ptune.quantization.QuantizedLinear`` layers, never dequantized as a whole; an fp16 folder loads quantized
+(int8/int4) the same way, each weight quantized as its shard arrives.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import re
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,10 +25,11 @@ import torch
 from safetensors.torch import save_file
 from transformers import GenerationConfig, GlmConfig, GlmForCausalLM
 
+from ptune.chatglm2_files import check_files, read_config, shard_files, stored_quantization
+from ptune.quantization import BITS, quantize_model, quantize_rows, with_empty_quantized_linears
+
 logger = logging.getLogger(__name__)
 
-INDEX_FILE = "pytorch_model.bin.index.json"
-MANIFEST_DIR = Path(__file__).with_name("manifests")
 # Original flags whose other values would change the function; refused rather than silently mis-computed.
 REQUIRED_FLAGS = {
     "rmsnorm": True,
@@ -107,8 +113,10 @@ def convert_tensors(tensors: dict[str, torch.Tensor], config: GlmConfig) -> Iter
         prefix = f"model.layers.{layer}."
         if rest in _RENAMES:
             yield prefix + _RENAMES[rest], tensor
+        elif rest.endswith("_scale") and rest.removesuffix("_scale") in _RENAMES:  # a quantized weight's scales
+            yield prefix + _RENAMES[rest.removesuffix("_scale")] + "_scale", tensor
         elif rest.startswith("self_attention.query_key_value."):
-            kind = rest.rsplit(".", 1)[1]  # weight or bias
+            kind = rest.rsplit(".", 1)[1]  # weight, weight_scale or bias
             q, k, v = torch.split(tensor, [q_rows, kv_rows, kv_rows], dim=0)
             for proj, part in (("q_proj", q), ("k_proj", k), ("v_proj", v)):
                 yield f"{prefix}self_attn.{proj}.{kind}", part.contiguous()
@@ -116,30 +124,70 @@ def convert_tensors(tensors: dict[str, torch.Tensor], config: GlmConfig) -> Iter
             raise ValueError(f"unexpected tensor {name!r} in a ChatGLM2 checkpoint")
 
 
-def _shards(folder: Path) -> list[str]:
-    index = json.loads((folder / INDEX_FILE).read_text(encoding="utf-8"))
-    return sorted(set(index["weight_map"].values()))
-
-
 def _load_shard(path: Path) -> dict[str, torch.Tensor]:
     # weights_only: a .bin is a pickle; only tensors are accepted. mmap: no second copy while converting.
-    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # torch raises RuntimeError, UnpicklingError, EOFError ... for a damaged archive
+        raise ValueError(f"{path}: cannot be read as a torch archive ({err}); download it again") from None
 
 
-def load_chatglm2(folder: str | Path, dtype: torch.dtype) -> GlmForCausalLM:
-    """The original folder as a native model, shard by shard (peak memory: the model plus one shard)."""
+def _loadable(
+    path: Path, tensors: Iterator[tuple[str, torch.Tensor]], quantized: set[str], bits: int, stored: bool, dtype
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Native tensors as the model holds them: quantized layers' weights int8 (quantized here unless ``stored``)
+    with fp16 scales, everything else in ``dtype``."""
+    for name, tensor in tensors:
+        module, _, kind = name.rpartition(".")
+        if module in quantized and kind == "weight":
+            if stored != (tensor.dtype == torch.int8):
+                raise ValueError(
+                    f"{path}: {name} is {tensor.dtype}, but config.json says "
+                    f"{f'quantization_bit {bits}' if stored else 'no quantization_bit'}: the file does not match it"
+                )
+            if stored:
+                yield name, tensor
+            else:
+                q, scale = quantize_rows(tensor, bits)
+                yield name, q
+                yield f"{name}_scale", scale
+        elif kind == "weight_scale":
+            yield name, tensor.to(torch.float16)
+        else:
+            yield name, tensor.to(dtype)
+
+
+def load_chatglm2(folder: str | Path, dtype: torch.dtype, quantization: str | None = None) -> GlmForCausalLM:
+    """The original folder as a native model, shard by shard (peak memory: the model plus one shard).
+
+    ``quantization`` int8/int4 quantizes each layer weight as it is read, nf4 the loaded model; a folder saved
+    quantized loads as it was saved (any other ``quantization`` is refused: it cannot be re-quantized)."""
     folder = Path(folder)
     check_files(folder)
-    config = glm_config(json.loads((folder / "config.json").read_text(encoding="utf-8")))
+    config = glm_config(read_config(folder))
+    stored = stored_quantization(folder)
+    if stored and quantization not in (None, stored):
+        raise ValueError(
+            f"{folder}: its weights are saved quantized to {stored} (config.json quantization_bit), so they cannot "
+            f"be loaded as model.quantization={quantization}; use {stored} or null, or the fp16 download"
+        )
+    bits = BITS.get(stored or quantization)
     with torch.device("meta"):
         model = GlmForCausalLM(config)
-    expected = set(model.state_dict())
+        quantized = with_empty_quantized_linears(model, bits, dtype) if bits else set()
+    shapes = {name: tensor.shape for name, tensor in model.state_dict().items()}
+    expected = set(shapes)
     loaded: set[str] = set()
-    for shard in _shards(folder):
-        converted = {n: t.to(dtype) for n, t in convert_tensors(_load_shard(folder / shard), config)}
+    for shard in shard_files(folder):
+        path = folder / shard
+        tensors = convert_tensors(_load_shard(path), config)
+        converted = dict(_loadable(path, tensors, quantized, bits or 0, stored is not None, dtype))
         unknown = set(converted) - expected
         if unknown:
-            raise ValueError(f"{folder / shard}: tensors that do not fit the model: {sorted(unknown)[:5]}")
+            raise ValueError(f"{path}: tensors that do not fit the model: {sorted(unknown)[:5]}")
+        wrong = [f"{n} {tuple(t.shape)}, not {tuple(shapes[n])}" for n, t in converted.items() if t.shape != shapes[n]]
+        if wrong:
+            raise ValueError(f"{path}: does not match {folder / 'config.json'}: {'; '.join(wrong[:3])}")
         model.load_state_dict(converted, strict=False, assign=True)
         loaded |= set(converted)
     missing = expected - loaded
@@ -147,126 +195,46 @@ def load_chatglm2(folder: str | Path, dtype: torch.dtype) -> GlmForCausalLM:
         raise ValueError(f"{folder}: the shards lack {sorted(missing)[:5]} (and {max(0, len(missing) - 5)} more)")
     model.model.rotary_emb = type(model.model.rotary_emb)(config=config)  # inv_freq was on the meta device
     model.generation_config = GenerationConfig(eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id)
+    if quantization == "nf4":
+        quantize_model(model, "nf4")
     return model.eval()
 
 
 def convert_folder(src: str | Path, dst: str | Path) -> None:
-    """Write a native GLM folder (safetensors shards, index, config, tokenizer) from an original ChatGLM2 one."""
+    """Write a native GLM folder (safetensors shards, index, config, tokenizer) from an original ChatGLM2 one.
+
+    Written into a staging folder beside ``dst`` and renamed at the end: a failure leaves no partial folder."""
     from ptune.chatglm2_tokenizer import save_chatglm2_tokenizer
 
     src, dst = Path(src), Path(dst)
     check_files(src)
-    config = glm_config(json.loads((src / "config.json").read_text(encoding="utf-8")))
-    dst.mkdir(parents=True, exist_ok=True)
-    weight_map: dict[str, str] = {}
-    total = 0
-    shards = _shards(src)
-    for number, shard in enumerate(shards, 1):
-        name = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
-        converted = dict(convert_tensors(_load_shard(src / shard), config))
-        tmp = dst / f".{name}.tmp"
-        save_file(converted, str(tmp), metadata={"format": "pt"})
-        os.replace(tmp, dst / name)
-        weight_map.update(dict.fromkeys(converted, name))
-        total += sum(t.numel() * t.element_size() for t in converted.values())
-        logger.info("converted %s -> %s", shard, name)
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (dst / "model.safetensors.index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
-    config.save_pretrained(dst)
-    GenerationConfig(eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id).save_pretrained(dst)
-    save_chatglm2_tokenizer(src / "tokenizer.model", dst)
-
-
-# -- integrity ---------------------------------------------------------------------------------------------------
-def _tensor_bytes(name: str, config: dict) -> int:
-    """Size in bytes of an original tensor in the checkpoint's dtype (fp16), from the config alone."""
-    h, f, v = config["hidden_size"], config["ffn_hidden_size"], config["padded_vocab_size"]
-    kv = config["multi_query_group_num"] * config["kv_channels"] if config.get("multi_query_attention") else h
-    qkv = config["num_attention_heads"] * config["kv_channels"] + 2 * kv
-    shapes = {
-        "word_embeddings.weight": v * h,
-        "output_layer.weight": v * h,
-        "layernorm.weight": h,
-        "query_key_value.weight": qkv * h,
-        "query_key_value.bias": qkv,
-        "self_attention.dense.weight": h * config["num_attention_heads"] * config["kv_channels"],
-        "dense_h_to_4h.weight": 2 * f * h,
-        "dense_4h_to_h.weight": f * h,
-        "inv_freq": config["kv_channels"] // 4,
-    }
-    element = 4 if config.get("torch_dtype") == "float32" else 2
-    for suffix, count in shapes.items():
-        if name.endswith(suffix):
-            return count * element
-    raise ValueError(f"unexpected tensor {name!r} in the index")
-
-
-def expected_shard_bytes(folder: str | Path) -> dict[str, int]:
-    """Bytes of tensor data each shard must hold, from the index and config (no shard is opened)."""
-    folder = Path(folder)
-    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    index = json.loads((folder / INDEX_FILE).read_text(encoding="utf-8"))
-    sizes: dict[str, int] = {}
-    for name, shard in index["weight_map"].items():
-        sizes[shard] = sizes.get(shard, 0) + _tensor_bytes(name, config)
-    return sizes
-
-
-# A torch.save archive adds a pickle and per-tensor zip headers (with alignment) to the raw tensor bytes.
-ARCHIVE_OVERHEAD = 64 * 1024 + 4096  # bytes allowed beyond the tensor data, per shard plus per tensor
-
-
-def check_files(folder: str | Path) -> None:
-    """Cheap checks before any loading: every indexed shard exists and has the size its tensors imply."""
-    folder = Path(folder)
-    for needed in ("config.json", "tokenizer.model", INDEX_FILE):
-        if not (folder / needed).is_file():
-            raise FileNotFoundError(f"{folder}: {needed} is missing; is this a complete ChatGLM2-6B download?")
-    index = json.loads((folder / INDEX_FILE).read_text(encoding="utf-8"))
-    counts: dict[str, int] = {}
-    for shard in index["weight_map"].values():
-        counts[shard] = counts.get(shard, 0) + 1
-    for shard, data_bytes in expected_shard_bytes(folder).items():
-        path = folder / shard
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: missing (named in {INDEX_FILE}); download it again")
-        size = path.stat().st_size
-        if not data_bytes <= size <= data_bytes + ARCHIVE_OVERHEAD * counts[shard]:
-            raise ValueError(
-                f"{path}: {size:,} bytes, but its tensors alone take {data_bytes:,}: the file is truncated or "
-                "corrupt; download it again (ptune verify checks the SHA256 too)"
-            )
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def known_manifest(folder: str | Path) -> dict[str, str] | None:
-    """The published SHA256 values of a known model's shards, if this folder's index matches one shipped."""
-    names = set(_shards(Path(folder)))
-    for manifest in MANIFEST_DIR.glob("*.json"):
-        data = json.loads(manifest.read_text(encoding="utf-8"))
-        if set(data["sha256"]) == names:
-            return data["sha256"]
-    return None
-
-
-def verify(folder: str | Path) -> list[str]:
-    """Full check for ``ptune verify``: the cheap checks, then every shard's SHA256 against the shipped manifest."""
-    folder = Path(folder)
-    check_files(folder)
-    manifest = known_manifest(folder)
-    if manifest is None:
-        return [f"{folder}: sizes fine; no shipped SHA256 manifest matches these shard names, hashes not checked"]
-    report = []
-    for shard, expected in sorted(manifest.items()):
-        actual = sha256_file(folder / shard)
-        if actual != expected:
-            raise ValueError(f"{folder / shard}: SHA256 {actual} differs from the published {expected}; download again")
-        report.append(f"{shard}: OK")
-    return report
+    if stored_quantization(src):
+        raise ValueError(f"{src}: saved quantized; ptune loads it as it is (model.path=...), convert the fp16 download")
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        raise FileExistsError(f"{dst}: exists and is not an empty folder; choose another output folder")
+    config = glm_config(read_config(src))
+    staging = dst.with_name(f".{dst.name}.staging")
+    shutil.rmtree(staging, ignore_errors=True)  # what an earlier failed conversion left
+    staging.mkdir(parents=True)
+    try:
+        names: dict[str, str] = {}
+        total = 0
+        shards = shard_files(src)
+        for number, shard in enumerate(shards, 1):
+            name = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+            converted = dict(convert_tensors(_load_shard(src / shard), config))
+            save_file(converted, str(staging / name), metadata={"format": "pt"})
+            names.update(dict.fromkeys(converted, name))
+            total += sum(t.numel() * t.element_size() for t in converted.values())
+            logger.info("converted %s -> %s", shard, name)
+        index = {"metadata": {"total_size": total}, "weight_map": names}
+        (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
+        config.save_pretrained(staging)
+        GenerationConfig(eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id).save_pretrained(staging)
+        save_chatglm2_tokenizer(src / "tokenizer.model", staging)
+        if dst.exists():
+            dst.rmdir()  # empty, checked above
+        os.replace(staging, dst)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

@@ -2,8 +2,8 @@
 
 ``checkpoint-N/`` holds ``prefix.safetensors`` (a few MB even for a 6B base; never base weights) and
 ``ptune_checkpoint.json``: the resolved run config, the prefix's shape and options, the prompt format, the
-source/target lengths, and the base model's path, config.json and its hash, so later tools need nothing retyped
-and a changed base is caught (``ptune.config_checks``).
+source/target lengths, and the base model's path, config.json, its hash and quantization, so later tools need
+nothing retyped and a changed base is caught (``ptune.config_checks``).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ptune.durable import atomic_write, atomic_write_bytes
@@ -36,9 +37,10 @@ def build_prefix(shape: PrefixShape, prefix_cfg: dict[str, Any], hidden_size: in
 
 
 def checkpoint_metadata(
-    prefix: PrefixEncoder, base_path: str | os.PathLike, run_config: dict[str, Any]
+    prefix: PrefixEncoder, base_path: str | os.PathLike, run_config: dict[str, Any], quantization: str | None = None
 ) -> dict[str, Any]:
-    """What a checkpoint records besides the weights."""
+    """What a checkpoint records besides the weights; ``quantization``: how the base's layers were loaded (int8,
+    int4, nf4 or None), so the tools that load the checkpoint load the base the same way."""
     projection = prefix.trans is not None
     return {
         "format_version": FORMAT_VERSION,
@@ -53,6 +55,7 @@ def checkpoint_metadata(
             "path": str(Path(base_path).resolve()),
             "config_sha256": config_sha256(base_path),
             "config": json.loads((Path(base_path) / "config.json").read_text(encoding="utf-8")),  # names changes
+            "quantization": quantization,
         },
         "config": run_config,
     }
@@ -78,7 +81,10 @@ def load_prefix_weights(directory: str | os.PathLike, prefix: PrefixEncoder) -> 
     path = Path(directory) / PREFIX_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{directory}: no {PREFIX_FILE}; this is not a ptune checkpoint folder")
-    state = load_file(str(path))
+    try:
+        state = load_file(str(path))
+    except SafetensorError as err:  # e.g. a file cut short: "incomplete metadata", which names no file
+        raise ValueError(f"{path}: not a readable safetensors file ({err}): truncated or corrupt") from None
     expected = {name: tuple(t.shape) for name, t in prefix.state_dict().items()}
     found = {name: tuple(t.shape) for name, t in state.items()}
     if found != expected:

@@ -43,20 +43,20 @@ def main(argv: list[str] | None = None) -> int:
         return estimate.run(args)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    from ptune import chatglm2, original_ptuning
+    from ptune import chatglm2, chatglm2_files, original_ptuning
 
     try:
         if args.command == "convert":
             chatglm2.convert_folder(args.src, args.dst)
             print(f"converted {args.src} -> {args.dst}")
         elif args.command == "verify":
-            print("\n".join(chatglm2.verify(args.model_dir)))
+            print("\n".join(chatglm2_files.verify(args.model_dir)))
         else:
             out = args.out or f"{args.checkpoint.rstrip('/')}-ptune"
             lengths = args.max_source_length, args.max_target_length
             original_ptuning.import_ptuning(args.checkpoint, args.base, out, *lengths)
             print(f"wrote {out}: evaluate.py checkpoint={out} dataset=advertisegen dataset.dir=...")
-    except (FileNotFoundError, ValueError, NotImplementedError) as err:
+    except (FileNotFoundError, FileExistsError, ValueError, NotImplementedError) as err:
         print(f"ptune {args.command}: {err}", file=sys.stderr)
         return 1
     return 0

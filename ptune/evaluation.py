@@ -255,11 +255,14 @@ def score_predictions(path: str | Path, processes: int | None = None) -> dict[st
 
 
 # -- many checkpoints -----------------------------------------------------------------------------------------
-def _loader_key(checkpoint: Path, model_path: str | None, dtype: str | None) -> str:
+def _loader_key(checkpoint: Path, model_path: str | None, dtype: str | None, quantization: str | None) -> str:
     meta = read_metadata(checkpoint)
     spec = {k: v for k, v in meta["prefix"].items() if k != "dropout"}
     base = model_path or meta["base_model"]["path"]
-    return json.dumps([base, dtype or meta["config"]["model"]["dtype"], spec, meta["config"]["model"]["prompt"]])
+    quantized = quantization or meta["base_model"].get("quantization")
+    return json.dumps(
+        [base, dtype or meta["config"]["model"]["dtype"], quantized, spec, meta["config"]["model"]["prompt"]]
+    )
 
 
 def evaluate_target(cfg: DictConfig) -> list[dict[str, Any]]:
@@ -282,10 +285,11 @@ def evaluate_target(cfg: DictConfig) -> list[dict[str, Any]]:
     out_root = Path(cfg.output_dir).expanduser() if cfg.output_dir else None
     rows, loaded, loaded_key = [], None, None
     for checkpoint in checkpoints:
-        key = _loader_key(checkpoint, cfg.model.path, cfg.model.dtype)
+        base_options = cfg.model.path, cfg.model.dtype, cfg.model.get("quantization")
+        key = _loader_key(checkpoint, *base_options)
         if key != loaded_key:  # a new base/prefix configuration: load; otherwise only swap the prefix weights
             allow = cfg.allow_base_mismatch
-            loaded, loaded_key = load_checkpoint(checkpoint, cfg.model.path, cfg.model.dtype, allow), key
+            loaded, loaded_key = load_checkpoint(checkpoint, *base_options, allow_base_mismatch=allow), key
         else:
             loaded.load_prefix(checkpoint)
         relative = checkpoint.relative_to(target) if checkpoint != target else Path()

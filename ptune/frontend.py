@@ -29,10 +29,12 @@ def load_model(cfg: DictConfig) -> LoadedModel:
         torch.set_num_threads(cfg.torch_threads)
     if cfg.checkpoint:
         checkpoint = Path(cfg.checkpoint).expanduser()
-        loaded = load_checkpoint(checkpoint, cfg.model.path, cfg.model.dtype, cfg.allow_base_mismatch)
+        quantization, allow = cfg.model.quantization, cfg.allow_base_mismatch
+        loaded = load_checkpoint(checkpoint, cfg.model.path, cfg.model.dtype, quantization, allow)
     elif cfg.model.path:
         prompt = OmegaConf.to_container(cfg.model.prompt)
-        loaded = load_base(cfg.model.path, cfg.model.dtype or "float32", prompt, cfg.max_source_length, 0)
+        dtype = cfg.model.dtype or "float32"
+        loaded = load_base(cfg.model.path, dtype, prompt, cfg.max_source_length, 0, cfg.model.quantization)
     else:
         raise SystemExit("give checkpoint=PATH (a ptune checkpoint) or model.path=PATH (a bare base model)")
     loaded.max_source_length = cfg.max_source_length

@@ -45,9 +45,14 @@ class LoadedModel:
 
 
 def load_checkpoint(
-    checkpoint: str | Path, base_path: str | None = None, dtype: str | None = None, allow_base_mismatch: bool = False
+    checkpoint: str | Path,
+    base_path: str | None = None,
+    dtype: str | None = None,
+    quantization: str | None = None,
+    allow_base_mismatch: bool = False,
 ) -> LoadedModel:
-    """Base model + prefix from a ``checkpoint-N`` folder; ``base_path``/``dtype`` override the recorded ones.
+    """Base model + prefix from a ``checkpoint-N`` folder; ``base_path``/``dtype``/``quantization`` override the
+    recorded ones (``quantization="none"``: a full-precision base even if the checkpoint's was quantized).
 
     A base whose config.json differs from the one the checkpoint was trained on is refused (naming the keys) unless
     ``allow_base_mismatch``."""
@@ -60,7 +65,8 @@ def load_checkpoint(
         )
     check_base_model(checkpoint, meta, base, allow_base_mismatch)
     tokenizer = load_tokenizer(base)
-    model = load_base_model(base, dtype or config["model"]["dtype"])
+    recorded = meta["base_model"].get("quantization")  # absent in checkpoints from before quantization existed
+    model = load_base_model(base, dtype or config["model"]["dtype"], quantization or recorded)
     spec = meta["prefix"]
     prefix = build_prefix(PrefixShape(**spec["shape"]), spec, hidden_size=model.config.hidden_size)
     try:
@@ -82,10 +88,15 @@ def load_checkpoint(
 
 
 def load_base(
-    path: str | Path, dtype: str, prompt: dict[str, Any], max_source_length: int, max_target_length: int
+    path: str | Path,
+    dtype: str,
+    prompt: dict[str, Any],
+    max_source_length: int,
+    max_target_length: int,
+    quantization: str | None = None,
 ) -> LoadedModel:
     """The bare base model, no prefix (``model.path=...`` in the demos)."""
-    model = load_base_model(path, dtype).eval()
+    model = load_base_model(path, dtype, quantization).eval()
     return LoadedModel(
         model=model,
         tokenizer=load_tokenizer(path),

@@ -1,4 +1,5 @@
-"""Loading the frozen base model and its tokenizer, and identifying it so a checkpoint can be checked against it."""
+"""Loading the frozen base model (optionally quantized) and its tokenizer, and identifying it so a checkpoint can
+be checked against it."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from ptune.chatglm2 import is_original_chatglm2, load_chatglm2
 from ptune.chatglm2_tokenizer import build_chatglm2_tokenizer
+from ptune.quantization import check_quantization, quantize_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -44,15 +46,19 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(str(folder))
 
 
-def load_base_model(path: str | Path, dtype: str = "float32") -> PreTrainedModel:
-    """The base causal LM, frozen, in ``dtype`` (bf16/fp16 halve its memory; the prefix always stays fp32)."""
+def load_base_model(path: str | Path, dtype: str = "float32", quantization: str | None = None) -> PreTrainedModel:
+    """The base causal LM, frozen, in ``dtype`` (bf16/fp16 halve its memory; the prefix always stays fp32), its
+    attention and MLP linear layers quantized if ``quantization`` (int8 | int4 | nf4) says so."""
     folder = check_model_dir(path)
-    if is_original_chatglm2(folder):  # an original ChatGLM2 download: converted to the native GLM on load
-        model = load_chatglm2(folder, resolve_dtype(dtype))
+    quantization = check_quantization(quantization)
+    if is_original_chatglm2(folder):  # an original ChatGLM2 download: converted (and quantized) on load
+        model = load_chatglm2(folder, resolve_dtype(dtype), quantization)
         model.set_attn_implementation("sdpa")
     else:
         model = AutoModelForCausalLM.from_pretrained(
             str(folder), dtype=resolve_dtype(dtype), attn_implementation="sdpa"
         )
+        if quantization:
+            quantize_model(model, quantization)
     model.requires_grad_(False)
     return model

@@ -23,6 +23,7 @@ from ptune.objective import check_objective, final_objective
 from ptune.packing import PackingCollator
 from ptune.prefix import PrefixShape, PrefixTunedModel
 from ptune.prompts import PromptFormat
+from ptune.quantization import model_quantization
 from ptune.trainer import PrefixTrainer
 
 logger = logging.getLogger(__name__)
@@ -113,7 +114,7 @@ def build_trainer(cfg: DictConfig, output_dir: str) -> PrefixTrainer:
     prompt_format = PromptFormat.from_config(cfg.model.prompt)
     train_set = load_split(cfg.dataset, cfg.dataset.train_file, tokenizer, prompt_format)
     eval_set = load_split(cfg.dataset, cfg.dataset.validation_file, tokenizer, prompt_format)
-    base = load_base_model(cfg.model.path, cfg.model.dtype)
+    base = load_base_model(cfg.model.path, cfg.model.dtype, cfg.model.quantization)
     prefix = build_prefix(PrefixShape.from_config(base.config), cfg.prefix, base.config.hidden_size)
     if cfg.init_from:  # a fresh schedule from another run's prefix (train() has checked it fits the base)
         load_prefix_weights(cfg.init_from, prefix)
@@ -128,7 +129,9 @@ def build_trainer(cfg: DictConfig, output_dir: str) -> PrefixTrainer:
         eval_dataset=_first(eval_set, cfg.max_eval_samples),
         data_collator=make_training_collator(cfg.dataset, tokenizer),
         processing_class=tokenizer,
-        checkpoint_metadata=checkpoint_metadata(prefix, cfg.model.path, OmegaConf.to_container(cfg, resolve=True)),
+        checkpoint_metadata=checkpoint_metadata(
+            prefix, cfg.model.path, OmegaConf.to_container(cfg, resolve=True), model_quantization(base)
+        ),
     )
 
 

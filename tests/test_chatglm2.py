@@ -8,8 +8,10 @@ loaded by ptune must match it.
 
 from __future__ import annotations
 
+import io
 import json
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -19,7 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ptune import chatglm2
+from ptune import chatglm2, chatglm2_files
 from ptune.checkpoint import read_metadata
 from ptune.cli import main as cli
 from ptune.loading import load_checkpoint
@@ -103,7 +105,8 @@ def write_original_folder(folder: Path, config: dict, weights: dict[str, torch.T
         torch.save({n: weights[n] for n in part}, folder / shard)  # the original format (a test fixture)
         weight_map |= dict.fromkeys(part, shard)
     total = sum(t.numel() * t.element_size() for t in weights.values())
-    (folder / chatglm2.INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / chatglm2_files.INDEX_FILE).write_text(json.dumps(index))
     return folder
 
 
@@ -209,20 +212,20 @@ def test_integrity_checks_name_the_bad_shard(original, tmp_path):
     broken = shutil.copytree(folder, tmp_path / "broken")
     shard = broken / "pytorch_model-00002-of-00002.bin"
     shard.write_bytes(shard.read_bytes()[:-5000])  # a truncated download
-    with pytest.raises(ValueError, match="pytorch_model-00002-of-00002.bin.*truncated or corrupt"):
+    with pytest.raises(ValueError, match="pytorch_model-00002-of-00002.bin.*truncated, corrupt"):
         load_base_model(broken)
     shard.unlink()
     with pytest.raises(FileNotFoundError, match="pytorch_model-00002-of-00002.bin: missing"):
         load_base_model(broken)
-    assert "no shipped SHA256 manifest" in chatglm2.verify(folder)[0]
+    assert "no shipped SHA256 manifest" in chatglm2_files.verify(folder)[0]
 
 
 def test_real_index_sizes_and_manifest():
-    if not (REAL / chatglm2.INDEX_FILE).exists():
+    if not (REAL / chatglm2_files.INDEX_FILE).exists():
         pytest.skip("../shared is absent")
-    sizes = chatglm2.expected_shard_bytes(REAL)
-    assert sum(sizes.values()) == json.loads((REAL / chatglm2.INDEX_FILE).read_text())["metadata"]["total_size"]
-    assert chatglm2.known_manifest(REAL)["pytorch_model-00001-of-00007.bin"].startswith("cdf1bf57")
+    sizes = chatglm2_files.expected_shard_bytes(REAL)
+    assert sum(sizes.values()) == json.loads((REAL / chatglm2_files.INDEX_FILE).read_text())["metadata"]["total_size"]
+    assert chatglm2_files.known_manifest(REAL)["pytorch_model-00001-of-00007.bin"].startswith("cdf1bf57")
 
 
 def test_verify_checks_sha256_against_the_manifest(original, tmp_path, monkeypatch):
@@ -230,13 +233,13 @@ def test_verify_checks_sha256_against_the_manifest(original, tmp_path, monkeypat
     manifests = tmp_path / "manifests"
     manifests.mkdir()
     shards = sorted(p.name for p in folder.glob("*.bin"))
-    good = {name: chatglm2.sha256_file(folder / name) for name in shards}
+    good = {name: chatglm2_files.sha256_file(folder / name) for name in shards}
     (manifests / "small.json").write_text(json.dumps({"sha256": good}))
-    monkeypatch.setattr(chatglm2, "MANIFEST_DIR", manifests)
-    assert chatglm2.verify(folder) == [f"{name}: OK" for name in shards]
+    monkeypatch.setattr(chatglm2_files, "MANIFEST_DIR", manifests)
+    assert chatglm2_files.verify(folder) == [f"{name}: OK" for name in shards]
     (manifests / "small.json").write_text(json.dumps({"sha256": {**good, shards[0]: "0" * 64}}))
     with pytest.raises(ValueError, match=f"{shards[0]}: SHA256 .* differs from the published"):
-        chatglm2.verify(folder)
+        chatglm2_files.verify(folder)
     assert cli(["verify", str(folder)]) == 1
 
 
@@ -344,3 +347,95 @@ def test_no_import_circles_between_ptune_modules():
                 elif dep not in path:
                     stack.append([*path, dep])
     assert circles == []
+
+
+def test_a_shard_cut_by_a_few_bytes_or_damaged_inside_is_named(original, tmp_path, capsys):
+    folder, _, _ = original
+    broken = shutil.copytree(folder, tmp_path / "broken")
+    shard = broken / "pytorch_model-00002-of-00002.bin"
+    intact = shard.read_bytes()
+    shard.write_bytes(intact[:-5])  # within the size check's tolerance: only the zip directory shows it
+    with pytest.raises(ValueError, match="pytorch_model-00002-of-00002.bin: not a complete torch archive"):
+        load_base_model(broken)
+    assert cli(["verify", str(broken)]) == 1
+    assert "pytorch_model-00002-of-00002.bin: not a complete torch archive" in capsys.readouterr().err
+    import zipfile
+
+    with zipfile.ZipFile(io.BytesIO(intact)) as archive:  # garble the pickle, keep every size and the directory
+        pickle_entry = next(m for m in archive.infolist() if m.filename.endswith("data.pkl"))
+    start = pickle_entry.header_offset + 30 + len(pickle_entry.filename.encode()) + len(pickle_entry.extra)
+    garbled = bytearray(intact)
+    garbled[start : start + pickle_entry.file_size] = b"\xff" * pickle_entry.file_size
+    shard.write_bytes(bytes(garbled))
+    with pytest.raises(ValueError, match="pytorch_model-00002-of-00002.bin: cannot be read as a torch archive"):
+        load_base_model(broken)
+
+
+def test_a_cut_prefix_file_is_named(tmp_path):
+    from ptune.checkpoint import PREFIX_FILE, load_prefix_weights, save_prefix_checkpoint
+    from ptune.prefix import PrefixEncoder, PrefixShape
+
+    prefix = PrefixEncoder(PrefixShape(2, 2, 16), length=4)
+    save_prefix_checkpoint(tmp_path, prefix, {})
+    path = tmp_path / PREFIX_FILE
+    path.write_bytes(path.read_bytes()[:40])
+    with pytest.raises(ValueError, match=f"{PREFIX_FILE}: not a readable safetensors file.*truncated"):
+        load_prefix_weights(tmp_path, prefix)
+
+
+def test_convert_leaves_no_partial_folder(original, tmp_path, monkeypatch):
+    folder, _, _ = original
+    import ptune.chatglm2_tokenizer
+
+    def fail(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ptune.chatglm2_tokenizer, "save_chatglm2_tokenizer", fail)  # after every shard is written
+    out = tmp_path / "native"
+    with pytest.raises(OSError, match="disk full"):
+        chatglm2.convert_folder(folder, out)
+    assert list(tmp_path.iterdir()) == []  # neither the folder nor its staging copy
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert cli(["convert", str(folder), str(out)]) == 1  # never into a folder that holds something
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def _original_ptuning_checkpoint(folder: Path, config: dict, tensors: dict, saved_config: dict | None) -> Path:
+    """What ptuning/main.py leaves: the prefix encoder's tensors and the model's config.json with pre_seq_len."""
+    folder.mkdir()
+    torch.save({f"transformer.prefix_encoder.{k}": v for k, v in tensors.items()}, folder / "pytorch_model.bin")
+    if saved_config is not None:
+        (folder / "config.json").write_text(json.dumps({**config, **saved_config}))
+    return folder
+
+
+def test_import_ptuning_refuses_checkpoints_of_another_shape(original, tmp_path, capsys):
+    folder, config, _ = original
+    layers, g, d = config["num_layers"], config["multi_query_group_num"], config["kv_channels"]
+    kv_size = layers * 2 * g * d
+    table = {"embedding.weight": torch.randn(8, kv_size)}
+    projection = {
+        "trans.0.weight": torch.randn(32, kv_size),
+        "trans.0.bias": torch.randn(32),
+        "trans.2.weight": torch.randn(kv_size, 16),  # another hidden width than the first linear's 32
+        "trans.2.bias": torch.randn(kv_size),
+    }
+    cases = {
+        "projection": (table | projection, {"pre_seq_len": 8, "prefix_projection": True}, "trans.2.weight"),
+        "rows": (table, {"pre_seq_len": 16, "prefix_projection": False}, "config.json: pre_seq_len 16.*8 rows"),
+        "split": (  # 1 layer x 4 groups x 16 channels: the same row width as 2 x 2 x 16
+            table,
+            {"pre_seq_len": 8, "num_layers": 1, "multi_query_group_num": 2 * g},
+            f"config.json: trained on 1 layers x {2 * g} key/value groups x {d} channels",
+        ),
+    }
+    for name, (tensors, saved, message) in cases.items():
+        ckpt = _original_ptuning_checkpoint(tmp_path / name, config, tensors, saved)
+        assert cli(["import-ptuning", str(ckpt), "--base", str(folder), "--out", str(tmp_path / f"{name}-out")]) == 1
+        err = capsys.readouterr().err
+        assert str(ckpt) in err and re.search(message, err), err
+        assert not (tmp_path / f"{name}-out").exists()
+    fine = {"pre_seq_len": 8, "prefix_projection": False}
+    ckpt = _original_ptuning_checkpoint(tmp_path / "fine", config, table, fine)
+    assert cli(["import-ptuning", str(ckpt), "--base", str(folder), "--out", str(tmp_path / "fine-out")]) == 0

@@ -73,6 +73,7 @@ def test_checkpoint_holds_the_prefix_and_what_rebuilds_it(fast_cfg, tmp_path):
         "path": str(TINY_GLM.resolve()),
         "config_sha256": config_sha256(TINY_GLM),
         "config": json.loads((TINY_GLM / "config.json").read_text()),
+        "quantization": None,
     }
     assert meta["prefix"]["length"] == 16 and meta["prefix"]["projection"] is True
     assert meta["config"]["dataset"]["max_target_length"] == 128

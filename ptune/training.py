@@ -15,6 +15,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from ptune.checkpoint import build_prefix, checkpoint_metadata
 from ptune.data import read_examples
 from ptune.features import make_collator, tokenize_file
+from ptune.guards import LossGuard
 from ptune.modeling import load_base_model, load_tokenizer
 from ptune.packing import PackingCollator
 from ptune.prefix import PrefixShape, PrefixTunedModel
@@ -114,7 +115,7 @@ def build_trainer(cfg: DictConfig, output_dir: str) -> PrefixTrainer:
     model = PrefixTunedModel(base, prefix, logits_multiple_of=cfg.dataset.pad_to_multiple_of or 1)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     logger.info("base %s frozen; prefix: %s trainable parameters", cfg.model.path, f"{trainable:,}")
-    return PrefixTrainer(
+    trainer = PrefixTrainer(
         model=model,
         args=training_arguments(cfg, output_dir),
         train_dataset=_first(train_set, cfg.max_train_samples),
@@ -123,6 +124,8 @@ def build_trainer(cfg: DictConfig, output_dir: str) -> PrefixTrainer:
         processing_class=tokenizer,
         checkpoint_metadata=checkpoint_metadata(prefix, cfg.model.path, OmegaConf.to_container(cfg, resolve=True)),
     )
+    trainer.add_callback(LossGuard(model))  # a NaN/inf loss stops the run before anything of it is saved
+    return trainer
 
 
 def train(cfg: DictConfig, output_dir: str) -> float:

@@ -180,12 +180,11 @@ def tokenize_file(
     cached = Path(cache_dir, key).expanduser() if cache_dir else None
     if cached is not None:
         remove_stale_staging(cached.parent)
-    if cached is not None and (cached / "dataset_info.json").exists() and (cached / STATS_FILE).exists():
+    stats = _cached_stats(cached)
+    if stats is not None:
         logger.info("tokenised %s: reusing cache %s", path, cached)
-        dataset = datasets.load_from_disk(str(cached))
-        stats = TokenStats(**json.loads((cached / STATS_FILE).read_text(encoding="utf-8")))
         check_split(path, stats, (max_source_length, max_target_length))
-        return dataset
+        return datasets.load_from_disk(str(cached))
     features, stats = _encode(examples, tokenizer, prompt_format, max_source_length, max_target_length)
     dataset = datasets.Dataset.from_dict(features)
     check_split(path, stats, (max_source_length, max_target_length))
@@ -203,6 +202,16 @@ def tokenize_file(
         dataset = datasets.load_from_disk(str(cached))
         logger.info("tokenised %s: %d rows, cached in %s", path, len(dataset), cached)
     return dataset
+
+
+def _cached_stats(cached: Path | None) -> TokenStats | None:
+    """The stats of a complete cache entry, or None (no cache, not there, or written by another ptune version)."""
+    if cached is None or not (cached / "dataset_info.json").exists() or not (cached / STATS_FILE).exists():
+        return None
+    try:
+        return TokenStats(**json.loads((cached / STATS_FILE).read_text(encoding="utf-8")))
+    except (TypeError, ValueError):
+        return None
 
 
 def _cache_key(path, examples: Sequence[Example], tokenizer, prompt_format: PromptFormat, lengths: tuple) -> str:

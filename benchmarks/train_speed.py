@@ -50,13 +50,26 @@ SYNTHETIC = REPO / "data" / "synthetic_adgen"
 TINY_GLM = REPO / "models" / "tiny-glm"
 
 # ChatGLM2-6B shrunk for 2 CPU cores; everything else (vocabulary, rotary, GQA layout, norms) as the real config.
-SHRINK = {
-    "num_layers": 4,
-    "hidden_size": 512,
-    "num_attention_heads": 8,
-    "kv_channels": 64,
-    "multi_query_group_num": 2,
-    "ffn_hidden_size": 1369,
+SHAPES = {
+    # 86% of the parameters in the embedding and output layer: the output layer dominates the FLOPs
+    "default": {
+        "num_layers": 4,
+        "hidden_size": 512,
+        "num_attention_heads": 8,
+        "kv_channels": 64,
+        "multi_query_group_num": 2,
+        "ffn_hidden_size": 1369,
+    },
+    # ChatGLM2's head layout (head_dim 128, 2 key/value groups) and ffn ratio (13696 / 4096) at half its width:
+    # the transformer layers have 61% of the matmul weights (ChatGLM2-6B: 96%), 82% of the FLOPs of a labelled row
+    "wide": {
+        "num_layers": 4,
+        "hidden_size": 2048,
+        "num_attention_heads": 16,
+        "kv_channels": 128,
+        "multi_query_group_num": 2,
+        "ffn_hidden_size": 6848,
+    },
 }
 PREFIX_LENGTH = 128
 SOURCE_LENGTH, TARGET_LENGTH = 64, 128
@@ -65,31 +78,37 @@ EFFECTIVE_BATCH = 16
 LEARNING_RATE = 2e-2
 SEED = 42
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # both sides train on the GPU when there is one
-EVAL_ROWS = 32
 FULL_TRAIN_ROWS = 114_599  # AdvertiseGen's train.json
 
 # ptune's settings for this hardware (2-core CPU), each a documented config key; see benchmarks/README.md.
 PTUNE_BEST = {
     "dtype": "bfloat16",  # model.dtype: frozen base in bf16, prefix stays fp32
-    "micro_batch": 1,  # trainer.per_device_train_batch_size (x gradient_accumulation_steps 16)
-    "sampling": "group_by_length",  # trainer.train_sampling_strategy: consecutive rows share a shape (less churn)
-    "pad_to_multiple_of": 32,  # dataset.pad_to_multiple_of: few distinct shapes (bounded oneDNN caches)
+    "micro_batch": 16,  # trainer.per_device_train_batch_size (x gradient_accumulation_steps 1): one packed batch
+    "pack_length": 256,  # dataset.pack_length: the 16 rows packed into sequences of 256 tokens (~2 rows each)
+    "sampling": "random",  # trainer.train_sampling_strategy: mixed lengths pack better than length-sorted ones
+    "pad_to_multiple_of": 32,  # dataset.pad_to_multiple_of: labelled positions per loss call rounded to 32
     "checkpointing": False,  # trainer.activation_checkpointing
+    "eval_batch": 32,  # trainer.per_device_eval_batch_size: eval rows per (packed) batch
 }
+# The settings before packing and the chunked loss (benchmarks/README.md, 2026-11-23), for --ablations.
+PTUNE_UNPACKED = {"micro_batch": 1, "pack_length": None, "sampling": "group_by_length", "eval_batch": 4}
 # ptune with other settings, for --ablations (what each setting contributes).
 ABLATIONS = {
+    "no packing: 1 x 16, padded to 32 (the previous settings)": PTUNE_UNPACKED,
+    "no packing, exact lengths (pad_to_multiple_of=null)": {**PTUNE_UNPACKED, "pad_to_multiple_of": None},
+    "no packing, exact lengths, ONEDNN_PRIMITIVE_CACHE_CAPACITY=8": {
+        **PTUNE_UNPACKED,
+        "pad_to_multiple_of": None,
+        "env": {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "8"},
+    },
+    "no chunked loss (logits from the first labelled position on)": {"chunked_loss": False},
+    "pack_length=512": {"pack_length": 512},
+    "packed 8 x 2 (micro-batch 8, accumulation 2)": {"micro_batch": 8},
+    "packed 4 x 4 (micro-batch 4, accumulation 4)": {"micro_batch": 4},
+    "packed 16 x 1 (micro-batch 16, accumulation 1)": {"micro_batch": 16},
+    "packed, length-grouped order": {"sampling": "group_by_length"},
     "fp32 base (model.dtype=float32)": {"dtype": "float32"},
-    "exact dynamic padding (pad_to_multiple_of=null)": {"pad_to_multiple_of": None},
-    "random order at 1 x 16 (train_sampling_strategy=random)": {"sampling": "random"},
-    "micro-batch 4 x 4": {"micro_batch": 4},
-    "micro-batch 8 x 2": {"micro_batch": 8},
-    "micro-batch 8 x 2, random order": {"micro_batch": 8, "sampling": "random"},
-    "micro-batch 16 x 1": {"micro_batch": 16},
     "activation checkpointing": {"checkpointing": True},
-    "fused AdamW (optim=adamw_torch_fused)": {"optim": "adamw_torch_fused"},
-    "torch.compile (trainer.torch_compile=true)": {"compile": True},
-    "the baseline's settings (fp32, every row padded to 193)": {"dtype": "float32", "pad_to_multiple_of": 193},
-    "environment MALLOC_MMAP_THRESHOLD_=4194304 (glibc)": {"env": {"MALLOC_MMAP_THRESHOLD_": "4194304"}},
 }
 
 
@@ -111,7 +130,7 @@ def data_source() -> dict[str, Any]:
     }
 
 
-def build_model(folder: Path, source: dict[str, Any]) -> dict[str, Any]:
+def build_model(folder: Path, source: dict[str, Any], shrink: dict[str, int]) -> dict[str, Any]:
     """Save the shrunk ChatGLM2-shaped GLM (seed 0) and the tokenizer; return the model's shape for FLOP counts."""
     from transformers import AutoTokenizer, GlmForCausalLM
 
@@ -119,7 +138,7 @@ def build_model(folder: Path, source: dict[str, Any]) -> dict[str, Any]:
     from ptune.chatglm2_tokenizer import save_chatglm2_tokenizer
     from ptune.estimate import chatglm2_6b_config
 
-    original = {**chatglm2_6b_config(), **SHRINK}
+    original = {**chatglm2_6b_config(), **shrink}
     config = glm_config(original)  # dtype float16, as the real checkpoint is stored (both sides convert on load)
     torch.manual_seed(0)
     GlmForCausalLM(config).to(torch.float16).save_pretrained(folder)
@@ -178,7 +197,7 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def prepare(work: Path, source: dict[str, Any], samples: int) -> dict[str, Any]:
+def prepare(work: Path, source: dict[str, Any], samples: int, eval_rows: int, shape_name: str) -> dict[str, Any]:
     """Model, data files and the tokenised cache every worker reuses (tokenisation is not part of the timing)."""
     data = work / "data"
     data.mkdir(parents=True)
@@ -186,9 +205,9 @@ def prepare(work: Path, source: dict[str, Any], samples: int) -> dict[str, Any]:
     if len(train_lines) < samples:
         raise SystemExit(f"--samples {samples}: {source['train']} has only {len(train_lines)} rows")
     (data / "train.json").write_text("\n".join(train_lines[:samples]) + "\n", encoding="utf-8")
-    dev_lines = source["dev"].read_text(encoding="utf-8").splitlines()[:EVAL_ROWS]
+    dev_lines = source["dev"].read_text(encoding="utf-8").splitlines()[:eval_rows]
     (data / "dev.json").write_text("\n".join(dev_lines) + "\n", encoding="utf-8")
-    shape = build_model(work / "model", source)
+    shape = build_model(work / "model", source, SHAPES[shape_name])
     cfg = compose_ptune(work, PTUNE_BEST, samples)
 
     from ptune.modeling import load_tokenizer
@@ -231,14 +250,16 @@ def ptune_overrides(work: Path, settings: dict[str, Any], samples: int) -> list[
         f"max_steps={samples // EFFECTIVE_BATCH}",
         f"save_steps={samples // EFFECTIVE_BATCH + 1}",  # no checkpoint and no eval inside the timed steps
         f"max_train_samples={samples}",
-        f"max_eval_samples={EVAL_ROWS}",
         f"trainer.per_device_train_batch_size={micro}",
+        f"trainer.per_device_eval_batch_size={settings['eval_batch']}",
         f"trainer.gradient_accumulation_steps={EFFECTIVE_BATCH // micro}",
         f"trainer.train_sampling_strategy={settings['sampling']}",
         f"trainer.activation_checkpointing={str(settings['checkpointing']).lower()}",
         "trainer.logging_steps=1",
         "trainer.report_to=[none]",
     ]
+    if settings.get("pack_length"):
+        overrides.append(f"dataset.pack_length={settings['pack_length']}")
     if settings.get("pad_to_multiple_of"):
         overrides.append(f"dataset.pad_to_multiple_of={settings['pad_to_multiple_of']}")
     if settings.get("optim"):
@@ -268,11 +289,12 @@ class Counting:
 
     def __call__(self, features):
         batch = self.collator(features)
-        if self.active:
-            self.rows += batch["input_ids"].shape[0]
+        if self.active:  # from the rows given, not the batch's: a packed sequence holds several rows
+            self.rows += len(features)
             self.executed += batch["input_ids"].numel()
-            self.real += int(batch["attention_mask"].sum())
-            self.order += batch["attention_mask"].sum(dim=1).tolist()
+            lengths = [len(f["input_ids"]) for f in features]
+            self.real += sum(lengths)
+            self.order += lengths
         return batch
 
 
@@ -304,8 +326,9 @@ def timing_callback(counter: Counting):
     return Timing()
 
 
-def baseline_trainer(work: Path, samples: int):
-    """What a user would otherwise run: Seq2SeqTrainer + PEFT prefix tuning, fp32, rows padded to 193, 1 x 16."""
+def baseline_trainer(work: Path, samples: int, dtype: str):
+    """What a user would otherwise run: Seq2SeqTrainer + PEFT prefix tuning, rows padded to 193, 1 x 16, the base in
+    ``dtype`` (the reference's main.py runs it in half precision: model.half() when pre_seq_len is set)."""
     from peft import PrefixTuningConfig, get_peft_model
     from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments
     from transformers import set_seed as hf_set_seed
@@ -320,7 +343,9 @@ def baseline_trainer(work: Path, samples: int):
     prompt_format = PromptFormat.from_config(cfg.model.prompt)
     train = load_split(cfg.dataset, cfg.dataset.train_file, tokenizer, prompt_format).select(range(samples))
     dev = load_split(cfg.dataset, cfg.dataset.validation_file, tokenizer, prompt_format)
-    base = AutoModelForCausalLM.from_pretrained(str(work / "model"), dtype=torch.float32, attn_implementation="sdpa")
+    base = AutoModelForCausalLM.from_pretrained(
+        str(work / "model"), dtype=getattr(torch, dtype), attn_implementation="sdpa"
+    )
     model = get_peft_model(base, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=PREFIX_LENGTH))
     tokenizer.padding_side = "right"
     args = Seq2SeqTrainingArguments(
@@ -365,9 +390,13 @@ def run_worker(args: argparse.Namespace) -> None:
     work = Path(args.work)
     settings = json.loads(args.settings) if args.settings else {}
     if args.worker == "baseline":
-        trainer = baseline_trainer(work, args.samples)
+        trainer = baseline_trainer(work, args.samples, settings["dtype"])
     else:
+        import ptune.prefix
         from ptune.training import build_trainer
+
+        if not settings.get("chunked_loss", True):
+            ptune.prefix.CHUNKED_LOSS_MODELS = frozenset()  # ablation: transformers' head on the labelled span
 
         cfg = compose_ptune(work, settings, args.samples)
         trainer = build_trainer(cfg, str(work / "runs" / f"ptune-{os.getpid()}"))
@@ -379,7 +408,9 @@ def run_worker(args: argparse.Namespace) -> None:
     rss_before = psutil.Process().memory_info().rss
     trainer.train()
     train_seconds = timing.step_ends[-1] - timing.start
+    start = time.perf_counter()
     eval_loss = trainer.evaluate()["eval_loss"]
+    eval_seconds = time.perf_counter() - start
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     result = {
         "side": args.worker,
@@ -393,6 +424,7 @@ def run_worker(args: argparse.Namespace) -> None:
         "step_seconds": [b - a for a, b in zip([timing.start, *timing.step_ends], timing.step_ends, strict=False)],
         "train_losses": losses,
         "eval_loss": eval_loss,
+        "eval_seconds": eval_seconds,
         "rss_before_train_mb": rss_before / 2**20,
         "peak_rss_mb": timing.peak_rss_mb,  # model load + training steps, before any evaluation
         "peak_gpu_mb": timing.peak_gpu_mb,  # torch's reserved GPU memory (no CUDA context), None on CPU
@@ -441,6 +473,7 @@ def summarise(runs: list[dict[str, Any]], data: dict[str, Any]) -> dict[str, flo
         **gpu,
         "model FLOP/s (real tokens)": median(lambda r: data["useful_flops"] / r["train_seconds"]),
         "executed tokens per row": median(lambda r: r["executed_tokens"] / r["rows"]),
+        "eval-loss pass (s)": median(lambda r: r["eval_seconds"]),
         "eval loss after training": median(lambda r: r["eval_loss"]),
         "train loss, last step": median(lambda r: r["train_losses"][-1]),
         "train loss, mean of all steps": median(lambda r: statistics.mean(r["train_losses"])),
@@ -475,6 +508,7 @@ def print_loss_curves(runs: dict[str, list[dict[str, Any]]], rows: int = 16) -> 
     curves = {
         side: [statistics.median(r["train_losses"][i] for r in results) for i in range(steps)]
         for side, results in runs.items()
+        if side in ("baseline", "ptune")
     }
     print("\n| optimizer step | samples seen | baseline train loss | ptune train loss | ptune - baseline |")
     print("|---|---|---|---|---|")
@@ -528,6 +562,23 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="alternating runs per side (medians)")
     parser.add_argument("--ablations", action="store_true", help="also run ptune with one setting changed at a time")
     parser.add_argument("--ablation-repeats", type=int, default=1, help="runs per ablation (medians)")
+    parser.add_argument("--ablation", action="append", help="run only the ablations whose name contains this")
+    parser.add_argument(
+        "--baseline-dtype",
+        choices=["bfloat16", "float16", "float32"],
+        default="bfloat16",
+        help="the baseline's frozen base: the reference runs it in half precision (bfloat16 on this CPU, float16 "
+        "on a GPU); default %(default)s",
+    )
+    parser.add_argument(
+        "--secondary-baseline-dtype",
+        choices=["bfloat16", "float16", "float32", "none"],
+        default="float32",
+        help="a second baseline, in its own table row (default %(default)s: the fp32 comparison); none: skip it",
+    )
+    parser.add_argument("--secondary-repeats", type=int, default=1, help="runs of the secondary baseline")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="default", help="model shape (see SHAPES)")
+    parser.add_argument("--eval-rows", type=int, default=128, help="dev rows for the timed eval-loss pass")
     parser.add_argument("--skip-tokenisation", action="store_true", help="skip the 114,599-row tokenisation timing")
     parser.add_argument("--wait-quiet", type=float, default=0, help="wait up to N minutes for load average < 0.8")
     parser.add_argument("--work", help="working folder (default: a fresh temporary folder, removed afterwards)")
@@ -550,15 +601,21 @@ def main() -> None:
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="ptune-train-speed-"))
     try:
         source = data_source()
-        data = prepare(work, source, args.samples)
+        data = prepare(work, source, args.samples, args.eval_rows, args.shape)
         peaks = {"bf16": matmul_rate(torch.bfloat16), "fp32": matmul_rate(torch.float32)}
-        runs: dict[str, list[dict[str, Any]]] = {"baseline": [], "ptune": []}
-        for _ in range(args.repeats):  # alternate, so drift in the machine's load affects both sides alike
-            runs["baseline"].append(spawn("baseline", work, args.samples))
+        runs: dict[str, list[dict[str, Any]]] = {"baseline": [], "ptune": [], "secondary": []}
+        for i in range(args.repeats):  # alternate, so drift in the machine's load affects both sides alike
+            runs["baseline"].append(spawn("baseline", work, args.samples, {"dtype": args.baseline_dtype}))
             runs["ptune"].append(spawn("ptune", work, args.samples, PTUNE_BEST))
+            if args.secondary_baseline_dtype != "none" and i < args.secondary_repeats:
+                runs["secondary"].append(
+                    spawn("baseline", work, args.samples, {"dtype": args.secondary_baseline_dtype})
+                )
         ablations = {}
         if args.ablations:
             for name, change in ABLATIONS.items():
+                if args.ablation and not any(part in name for part in args.ablation):
+                    continue
                 settings = {**PTUNE_BEST, **change}
                 ablations[name] = [spawn("ptune", work, args.samples, settings) for _ in range(args.ablation_repeats)]
         for name, peak in (("bf16", matmul_rate(torch.bfloat16)), ("fp32", matmul_rate(torch.float32))):
@@ -589,7 +646,7 @@ def report(args, source, data, runs, ablations, peaks, tokenisation, quiet, work
     print(
         f"data: {source['name']}; {data['rows']} rows (one epoch, {data['rows'] // EFFECTIVE_BATCH} optimizer "
         f"steps of 16), {data['mean_length']:.1f} tokens per row on average (max {data['max_length']}), "
-        f"{data['target_tokens']:,} target tokens; eval loss on the first {EVAL_ROWS} dev rows"
+        f"{data['target_tokens']:,} target tokens; eval loss (timed) on the first {args.eval_rows} dev rows"
     )
     overrides = " ".join(o for o in ptune_overrides(work, PTUNE_BEST, args.samples) if "=" in o)
     print(f"ptune: build_trainer on conf/train.yaml with {overrides.replace(str(work), '$WORK')}")
@@ -600,7 +657,16 @@ def report(args, source, data, runs, ablations, peaks, tokenisation, quiet, work
     baseline, ptune = summarise(runs["baseline"], data), summarise(runs["ptune"], data)
     same = runs["baseline"][0]["order"] == runs["ptune"][0]["order"]
     same_order = "the same on both sides" if same else "different (the samplers differ)"
+    print(f"baseline: base in {args.baseline_dtype} (the reference recipe's half precision)")
     print_table(baseline, ptune, peaks)
+    if runs["secondary"]:
+        second = summarise(runs["secondary"], data)
+        print(
+            f"\nsecondary row, baseline with its base in {args.secondary_baseline_dtype} ({len(runs['secondary'])} "
+            f"run(s)): {second['samples/s']:.3g} samples/s, peak RSS {second['peak RSS (MB)']:,.0f} MB; ptune / it: "
+            f"**{ptune['samples/s'] / second['samples/s']:.2f}x** samples/s at "
+            f"**{ptune['peak RSS (MB)'] / second['peak RSS (MB)']:.2f}x** peak memory"
+        )
     print(
         "\nmodel FLOPs = 4 x matmul params x real tokens + 12 x layers x heads x head_dim x (prefix x L + L(L+1)/2) "
         f"per row of L real tokens (forward + backward through activations; padding not counted): "
@@ -613,17 +679,19 @@ def report(args, source, data, runs, ablations, peaks, tokenisation, quiet, work
     if ablations:
         best = ptune["samples/s"]
         print(
-            "\n| ptune with one change (runs) | samples/s | vs ptune's settings | s/step after the first | "
-            "executed tokens per row | peak RSS (MB) | eval loss |"
+            "\n| ptune with one change (runs) | samples/s | vs ptune's settings | vs bf16 baseline | peak RSS (MB) | "
+            "vs baseline | s/step after the first | executed tokens per row | eval pass (s) | eval loss |"
         )
-        print("|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|---|")
         rows = [("ptune's settings", runs["ptune"]), *ablations.items()]
         for name, results in rows:
             s = summarise(results, data)
             print(
                 f"| {name} ({len(results)}) | {s['samples/s']:.3g} | {s['samples/s'] / best:.2f}x | "
-                f"{s['s per step after the first']:.2f} | {s['executed tokens per row']:.0f} | "
-                f"{s['peak RSS (MB)']:,.0f} | {s['eval loss after training']:.4f} |"
+                f"{s['samples/s'] / baseline['samples/s']:.2f}x | {s['peak RSS (MB)']:,.0f} | "
+                f"{s['peak RSS (MB)'] / baseline['peak RSS (MB)']:.2f}x | {s['s per step after the first']:.2f} | "
+                f"{s['executed tokens per row']:.0f} | {s['eval-loss pass (s)']:.1f} | "
+                f"{s['eval loss after training']:.4f} |"
             )
     if tokenisation:
         read_s, cold, warm, rows = tokenisation

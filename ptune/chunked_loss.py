@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 
-def chunk_tokens(vocab_size: int, elements: int = 1 << 24, multiple_of: int = 32) -> int:
-    """Tokens per chunk: about ``elements`` logits (16M: 64 MB in fp32) at a time, a multiple of ``multiple_of``."""
+def chunk_tokens(vocab_size: int, elements: int = 1 << 22, multiple_of: int = 32) -> int:
+    """Tokens per chunk: about ``elements`` logits (4M: 16 MB in fp32) at a time, a multiple of ``multiple_of``."""
     return max(multiple_of, elements // vocab_size // multiple_of * multiple_of)
 
 

@@ -18,6 +18,7 @@ from ptune.checkpoint import build_prefix, checkpoint_metadata, load_prefix_weig
 from ptune.config_checks import check_base_model, check_resume_settings, check_train_config
 from ptune.data import read_examples
 from ptune.features import make_collator, tokenize_file
+from ptune.guards import LossGuard
 from ptune.modeling import load_base_model, load_tokenizer
 from ptune.objective import check_objective, final_objective
 from ptune.packing import PackingCollator
@@ -122,7 +123,7 @@ def build_trainer(cfg: DictConfig, output_dir: str) -> PrefixTrainer:
     model = PrefixTunedModel(base, prefix, logits_multiple_of=cfg.dataset.pad_to_multiple_of or 1)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     logger.info("base %s frozen; prefix: %s trainable parameters", cfg.model.path, f"{trainable:,}")
-    return PrefixTrainer(
+    trainer = PrefixTrainer(
         model=model,
         args=training_arguments(cfg, output_dir),
         train_dataset=_first(train_set, cfg.max_train_samples),
@@ -133,6 +134,8 @@ def build_trainer(cfg: DictConfig, output_dir: str) -> PrefixTrainer:
             prefix, cfg.model.path, OmegaConf.to_container(cfg, resolve=True), model_quantization(base)
         ),
     )
+    trainer.add_callback(LossGuard(model))  # a NaN/inf loss stops the run before anything of it is saved
+    return trainer
 
 
 def check_checkpoints(cfg: DictConfig, resume: str | None) -> None:

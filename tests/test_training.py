@@ -9,15 +9,18 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import TrainerCallback
 
 from ptune.checkpoint import META_FILE, PREFIX_FILE, build_prefix, load_prefix_weights, read_metadata
 from ptune.config_checks import ConfigError
 from ptune.data import DataError
 from ptune.frontend import compose_frontend_config, load_model
+from ptune.guards import DivergenceError, LossGuard
 from ptune.loading import load_checkpoint
 from ptune.modeling import config_sha256
 from ptune.prefix import PrefixShape
@@ -361,3 +364,43 @@ def test_packed_training_follows_the_unpacked_loss_curve(fast_cfg, tmp_path):
     assert len(curves["256"]) == 8
     assert curves["256"] == pytest.approx(curves["null"], abs=2e-4)
     assert curves["256"][-1] < curves["256"][0]
+
+
+def test_non_finite_loss_stops_the_run_before_its_checkpoint(fast_cfg, tmp_path):
+    """The prefix turns NaN after step 2 (as after an exploding update): the run stops at step 3 with the step and
+    the last finite loss, and checkpoint-3 (save_steps=3) is never written."""
+    trainer = build_trainer(fast_cfg(), str(tmp_path / "run"))
+
+    class Poison(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                with torch.no_grad():
+                    trainer.model.prefix.embedding.weight.fill_(float("nan"))
+
+    trainer.callback_handler.callbacks.insert(0, Poison())  # before the guard: it sees step 3's loss
+    with pytest.raises(DivergenceError, match=r"step 3: the loss is nan \(the last finite loss was \d+\.\d+ at step 2"):
+        trainer.train()
+    assert not (tmp_path / "run" / "checkpoint-3").exists()
+    assert trainer.state.global_step == 3
+
+
+def test_loss_far_above_its_start_warns(caplog):
+    model = torch.nn.Linear(1, 1)
+    guard = LossGuard(model)
+    state = SimpleNamespace(global_step=0)
+    args = SimpleNamespace(learning_rate=0.5)
+    with caplog.at_level("WARNING", logger="ptune.guards"):
+        for step, loss in enumerate([2.0, 1.5, 3.9, 4.5, 5.0], start=1):
+            state.global_step = step
+            guard._record(model.train(), (), SimpleNamespace(loss=torch.tensor(loss)))
+            guard.on_step_end(args, state, None)
+    warnings = [r.getMessage() for r in caplog.records]
+    assert warnings == [
+        "the training loss rose from 2.0000 (first step) to 4.5000 at step 4, more than 2x: the learning rate may be "
+        "too high (learning_rate=0.5)"
+    ]
+
+
+def test_max_target_length_zero_is_refused(fast_cfg, tmp_path):
+    with pytest.raises(ValueError, match="dataset.max_target_length=0"):
+        build_trainer(fast_cfg("dataset.max_target_length=0"), str(tmp_path / "run"))

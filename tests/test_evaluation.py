@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
+import re
+import shutil
 import sys
 
 import pytest
@@ -177,3 +180,68 @@ def test_cli(trained_run, tmp_path):
     assert json.loads((out / METRICS_FILE).read_text())["rows"] == 4
     bad = run_cli(sys.executable, str(REPO / "evaluate.py"), cwd=tmp_path)
     assert bad.returncode != 0 and "exactly one of checkpoint=PATH or predictions=PATH" in bad.stderr + bad.stdout
+
+
+def _copy_checkpoint(source, destination, keep_state: bool = True):
+    shutil.copytree(source, destination)
+    if not keep_state:
+        (destination / "trainer_state.json").unlink()
+    return destination
+
+
+def test_checkpoints_not_named_checkpoint_n(trained_run, tmp_path):
+    """`ptune import-ptuning` writes checkpoint-3000-ptune (no trainer state); a copy named `best` has no number."""
+    imported = _copy_checkpoint(trained_run / "checkpoint-15", tmp_path / "checkpoint-3000-ptune", keep_state=False)
+    rows = evaluate_target(evaluate_cfg(f"checkpoint={imported}", "max_samples=2"))
+    assert rows[0]["step"] == 3000 and (imported / METRICS_FILE).exists()
+    best = _copy_checkpoint(trained_run / "checkpoint-30", tmp_path / "run" / "best", keep_state=False)
+    assert evaluate_target(evaluate_cfg(f"checkpoint={best}", "max_samples=2"))[0]["step"] is None
+    _copy_checkpoint(trained_run / "checkpoint-15", tmp_path / "run" / "checkpoint-15")  # step from trainer state
+    rows = evaluate_target(evaluate_cfg(f"checkpoint={tmp_path / 'run'}", "max_samples=2"))
+    assert sorted((r["step"] or -1, r["checkpoint"]) for r in rows) == [
+        (-1, str(best)),
+        (15, str(tmp_path / "run" / "checkpoint-15")),
+    ]
+    assert "| run | overrides | step |" in (tmp_path / "run" / "eval_results.md").read_text()
+
+
+def test_staging_folders_are_never_checkpoints(trained_run, tmp_path):
+    run = tmp_path / "run"
+    _copy_checkpoint(trained_run / "checkpoint-15", run / "checkpoint-15")
+    half = run / ".staging" / "checkpoint-30"  # a save in progress: metadata written, weights not yet
+    half.mkdir(parents=True)
+    shutil.copy(trained_run / "checkpoint-30" / META_FILE, half / META_FILE)
+    (run / ".staging" / "checkpoint-45").mkdir()  # an empty one
+    (run / "trainer_state.json").write_text((trained_run / "trainer_state.json").read_text())
+    rows = evaluate_target(evaluate_cfg(f"checkpoint={run}", "max_samples=2"))
+    assert [r["step"] for r in rows] == [15]
+    assert sorted(p.name for p in (run / ".staging").iterdir()) == ["checkpoint-30", "checkpoint-45"]  # untouched
+    only_staged = tmp_path / "fresh"
+    shutil.copytree(run / ".staging", only_staged / ".staging")
+    with pytest.raises(FileNotFoundError, match="no checkpoint-N folders"):
+        evaluate_target(evaluate_cfg(f"checkpoint={only_staged}"))
+    with pytest.raises(FileNotFoundError, match=r"inside \.staging/, where checkpoints are written"):
+        evaluate_target(evaluate_cfg(f"checkpoint={half}"))
+
+
+def _decimals(value: float) -> int:
+    text = repr(value)
+    return len(text.split(".")[1]) if "." in text and "e" not in text else 0
+
+
+def test_progress_bar_and_metrics_rounded_to_four_places(trained_run, tmp_path, capfd, caplog):
+    out = tmp_path / "out"
+    with caplog.at_level(logging.INFO, logger="ptune.evaluation"):
+        rows = evaluate_target(evaluate_cfg(f"checkpoint={trained_run}", f"output_dir={out}", "max_samples=7"))
+    bar = capfd.readouterr().err
+    assert re.search(r"checkpoint-30: generating: 100%\|.*\| 7/7 .*tokens/s", bar), bar[-500:]
+    assert re.search(r"checkpoint-15: 7 / 7 rows generated \(\d+ tokens/s\)", caplog.text)
+    metrics = json.loads((out / "checkpoint-30" / METRICS_FILE).read_text())
+    floats = [metrics[k] for k in (*METRIC_NAMES, "empty_prediction_share", "mean_prediction_length")]
+    assert all(_decimals(v) <= 4 for v in floats) and any(_decimals(v) > 0 for v in floats), floats
+    for line in (out / "eval_results.csv").read_text().splitlines()[1:]:
+        numbers = [float(x) for x in re.findall(r"\b\d+\.\d+\b", line.rsplit(",", 1)[0])]
+        assert all(_decimals(v) <= 4 for v in numbers), line
+    logged = re.findall(r"'rouge-1': ([\d.]+)", caplog.text)
+    assert logged and all(_decimals(float(v)) <= 4 for v in logged)
+    assert [r["rouge-l"] for r in rows] == [round(r["rouge-l"], 4) for r in rows]

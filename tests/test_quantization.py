@@ -22,7 +22,7 @@ from ptune.modeling import load_base_model
 from ptune.prefix import PrefixShape, PrefixTunedModel
 from ptune.quantization import QuantizedLinear, dequantize_rows, model_quantization, quantize_rows
 from ptune.training import build_trainer
-from tests.conftest import TINY_GLM, compose_train
+from tests.conftest import TINY_GLM
 from tests.test_chatglm2 import original_config, random_original_weights, sentencepiece_model, write_original_folder
 
 QUANTIZED = ("query_key_value.weight", "self_attention.dense.weight", "dense_h_to_4h.weight", "dense_4h_to_h.weight")
@@ -180,15 +180,9 @@ def test_prequantized_folder_refuses_other_quantizations_and_mismatched_files(pr
 
 # -- model.quantization on the built-in default ---------------------------------------------------------------------
 @pytest.mark.parametrize("quantization", ["int4", "int8", "nf4"])
-def test_quantized_default_trains_with_a_frozen_base(quantization, tmp_path):
-    cfg = compose_train(
-        f"model.quantization={quantization}",
-        "max_steps=60",
-        "save_steps=60",
-        "trainer.report_to=[none]",
-        "+trainer.gradient_checkpointing=true",
-        cache_dir=tmp_path / "cache",
-    )
+def test_quantized_default_trains_with_a_frozen_base(quantization, fast_cfg, tmp_path):
+    overrides = ["max_steps=15", "save_steps=15", "learning_rate=5e-2", "trainer.activation_checkpointing=true"]
+    cfg = fast_cfg(f"model.quantization={quantization}", *overrides)
     run = tmp_path / "run"
     trainer = build_trainer(cfg, str(run))
     base = trainer.model.base
@@ -201,7 +195,7 @@ def test_quantized_default_trains_with_a_frozen_base(quantization, tmp_path):
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     optimized = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
     assert optimized == {id(p) for p in trainer.model.prefix.parameters()}
-    checkpoint = run / "checkpoint-60"
+    checkpoint = run / "checkpoint-15"
     assert read_metadata(checkpoint)["base_model"]["quantization"] == quantization
     assert model_quantization(load_checkpoint(checkpoint).model.base) == quantization  # as trained, untold
     assert model_quantization(load_checkpoint(checkpoint, quantization="none").model.base) is None

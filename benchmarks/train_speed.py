@@ -91,11 +91,17 @@ PTUNE_BEST = {
     "pack_length": 256,  # dataset.pack_length: the 16 rows packed into sequences of 256 tokens (~2 rows each)
     "sampling": "random",  # trainer.train_sampling_strategy: mixed lengths pack better than length-sorted ones
     "pad_to_multiple_of": 32,  # dataset.pad_to_multiple_of: labelled positions per loss call rounded to 32
-    "checkpointing": False,  # trainer.activation_checkpointing
+    "checkpointing": True,  # trainer.activation_checkpointing: 16 rows' activations at once, not one row's
     "eval_batch": 32,  # trainer.per_device_eval_batch_size: eval rows per (packed) batch
 }
 # The settings before packing and the chunked loss (benchmarks/README.md, 2026-11-23), for --ablations.
-PTUNE_UNPACKED = {"micro_batch": 1, "pack_length": None, "sampling": "group_by_length", "eval_batch": 4}
+PTUNE_UNPACKED = {
+    "micro_batch": 1,
+    "pack_length": None,
+    "sampling": "group_by_length",
+    "eval_batch": 4,
+    "checkpointing": False,
+}
 # ptune with other settings, for --ablations (what each setting contributes).
 ABLATIONS = {
     "no packing: 1 x 16, padded to 32 (the previous settings)": PTUNE_UNPACKED,
@@ -109,10 +115,9 @@ ABLATIONS = {
     "pack_length=512": {"pack_length": 512},
     "packed 8 x 2 (micro-batch 8, accumulation 2)": {"micro_batch": 8},
     "packed 4 x 4 (micro-batch 4, accumulation 4)": {"micro_batch": 4},
-    "packed 16 x 1 (micro-batch 16, accumulation 1)": {"micro_batch": 16},
     "packed, length-grouped order": {"sampling": "group_by_length"},
     "fp32 base (model.dtype=float32)": {"dtype": "float32"},
-    "activation checkpointing": {"checkpointing": True},
+    "no activation checkpointing": {"checkpointing": False},
 }
 
 

@@ -1,23 +1,27 @@
 """Training speed: ptune against the usual Hugging Face recipe (Seq2SeqTrainer + PEFT prefix tuning).
 
-Usage: ``.venv/bin/python benchmarks/train_speed.py [--samples 128] [--repeats 3] [--ablations]``
+Usage: ``.venv/bin/python benchmarks/train_speed.py [--samples 128] [--repeats 3] [--shape default|wide]
+[--baseline-dtype bfloat16] [--ablations [--ablation NAME-PART]]``
 
 Both sides train a prefix of 128 positions for the same number of samples (one epoch over the same first rows,
 effective batch 16, learning rate 2e-2, linear decay, AdamW, seed 42) on the same randomly initialised GLM shaped
-like ChatGLM2 (4 layers, hidden 512, 8 heads, 2 key/value groups, head_dim 64, ffn 1369, the real 65,024-token
-vocabulary, partial rotary 0.5), saved once to a temporary folder:
+like ChatGLM2 (``--shape``, see SHAPES: ``default`` 4 layers x hidden 512, whose FLOPs are mostly the 65,024-word
+output layer; ``wide`` 4 layers x hidden 2048 with ChatGLM2's head layout, whose FLOPs are mostly the transformer
+layers, as in the real model), saved once to a temporary folder:
 
 - baseline: ``Seq2SeqTrainer`` + PEFT ``PrefixTuningConfig(num_virtual_tokens=128, task_type=CAUSAL_LM)`` on the
-  fp32 base, every row padded to 64 + 128 + 1 = 193 tokens, batch 1 x 16 accumulation, no gradient checkpointing
-  (the reference ChatGLM2 P-tuning recipe's settings);
+  base in ``--baseline-dtype`` (default bfloat16: the reference's main.py runs the base in half precision whenever
+  pre_seq_len is set; float16 on a GPU), every row padded to 64 + 128 + 1 = 193 tokens, batch 1 x 16
+  accumulation, no gradient checkpointing (the reference ChatGLM2 P-tuning recipe's settings); a secondary
+  baseline (``--secondary-baseline-dtype``, default float32) gets its own line;
 - ptune: ``ptune.training.build_trainer`` on the real composed Hydra config, with the overrides printed in the
-  output (bf16 frozen base + fp32 prefix, dynamic padding, length-grouped batches, micro-batch > 1).
+  output (PTUNE_BEST: bf16 frozen base + fp32 prefix, 16 rows packed into 256-token sequences, chunked loss).
 
 Each run is a fresh subprocess (``--worker``), so its peak resident memory (``ru_maxrss``) is its own; the sides
 alternate ``--repeats`` times and the table shows medians. The data are real AdvertiseGen lines tokenised with the
 real ChatGLM2 tokenizer when ``../shared`` has them, else the repository's synthetic set with tiny-glm's tokenizer
-(the output says which). Finally the tokenisation of 114,599 rows (the full AdvertiseGen train size) is timed,
-cold and from the cache.
+(the output says which). Each run also times one eval-loss pass over ``--eval-rows`` dev rows. Finally the
+tokenisation of 114,599 rows (the full AdvertiseGen train size) is timed, cold and from the cache.
 """
 
 from __future__ import annotations
@@ -87,11 +91,17 @@ PTUNE_BEST = {
     "pack_length": 256,  # dataset.pack_length: the 16 rows packed into sequences of 256 tokens (~2 rows each)
     "sampling": "random",  # trainer.train_sampling_strategy: mixed lengths pack better than length-sorted ones
     "pad_to_multiple_of": 32,  # dataset.pad_to_multiple_of: labelled positions per loss call rounded to 32
-    "checkpointing": False,  # trainer.activation_checkpointing
+    "checkpointing": True,  # trainer.activation_checkpointing: 16 rows' activations at once, not one row's
     "eval_batch": 32,  # trainer.per_device_eval_batch_size: eval rows per (packed) batch
 }
 # The settings before packing and the chunked loss (benchmarks/README.md, 2026-11-23), for --ablations.
-PTUNE_UNPACKED = {"micro_batch": 1, "pack_length": None, "sampling": "group_by_length", "eval_batch": 4}
+PTUNE_UNPACKED = {
+    "micro_batch": 1,
+    "pack_length": None,
+    "sampling": "group_by_length",
+    "eval_batch": 4,
+    "checkpointing": False,
+}
 # ptune with other settings, for --ablations (what each setting contributes).
 ABLATIONS = {
     "no packing: 1 x 16, padded to 32 (the previous settings)": PTUNE_UNPACKED,
@@ -105,10 +115,9 @@ ABLATIONS = {
     "pack_length=512": {"pack_length": 512},
     "packed 8 x 2 (micro-batch 8, accumulation 2)": {"micro_batch": 8},
     "packed 4 x 4 (micro-batch 4, accumulation 4)": {"micro_batch": 4},
-    "packed 16 x 1 (micro-batch 16, accumulation 1)": {"micro_batch": 16},
     "packed, length-grouped order": {"sampling": "group_by_length"},
     "fp32 base (model.dtype=float32)": {"dtype": "float32"},
-    "activation checkpointing": {"checkpointing": True},
+    "no activation checkpointing": {"checkpointing": False},
 }
 
 

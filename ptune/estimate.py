@@ -22,10 +22,11 @@ each matmul)):
                                                                             a mask is given, as with a prefix)
     attention mask widened by the prefix                    B S K b
     MLP: gate+up projection output and SiLU(gate)           3 T F b
-  plus, once, the output side: B A' V (b + 4 + 4), A' = A + 1 rounded up to 32 (at most S), since ptune runs the
-  output layer and the loss only from the position before the first label on: the fp32 log-softmax kept
-  for backward, and alive with it at the loss, the logits in the compute dtype and their fp32 copy (the loss
-  upcasts).
+  plus, once, the output side: B A' H b + C V (b + 4 + b), A' = A + 1 rounded up to 32 (at most S), since ptune
+  runs the output layer and the loss only on the positions that predict a label, C at a time
+  (ptune.chunked_loss, C = chunk_tokens(V), 64 for a 65k vocabulary): the input gradient of those positions,
+  kept for backward, and, alive at the loss, one chunk's logits in the compute dtype, their fp32 copy turned into
+  the softmax in place, and its cast back.
   Attention goes through SDPA with a fused kernel (flash / memory-efficient on GPU): no B x nh x S x K score matrix
   is kept; the math kernel would add about 3 B nh S K b per layer (shown in the notes).
   Gradient checkpointing (every layer): each layer keeps only its input, T H b, and the backward pass recomputes
@@ -39,6 +40,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+
+from ptune.chunked_loss import chunk_tokens
 
 GiB = 2**30
 BASES = ("fp16/bf16", "int8", "int4")
@@ -196,9 +199,9 @@ def layer_activation_bytes(shape: ModelShape, batch: int, seq: int, prefix: int,
 
 
 def output_activation_bytes(shape: ModelShape, batch: int, positions: int, b: int = ACTIVATION_BYTES) -> float:
-    """Logits in the compute dtype, their fp32 copy for the loss and the fp32 log-softmax kept for backward, at
-    ``positions`` per row (those that predict a label)."""
-    return batch * positions * shape.vocab * (b + 4 + 4)
+    """The chunked loss's input gradient at ``positions`` per row (those that predict a label), kept for backward,
+    and one chunk's logits (compute dtype, fp32 softmax, its cast back), alive at the loss."""
+    return batch * positions * shape.hidden * b + chunk_tokens(shape.vocab) * shape.vocab * (b + 4 + b)
 
 
 def logit_positions(seq: int, labelled: int | None) -> int:

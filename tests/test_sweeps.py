@@ -244,3 +244,12 @@ def test_missing_plugins_name_the_extra(monkeypatch):
     with pytest.raises(SystemExit, match=r"joblib, ray, submitit_local, submitit_slurm come with the sweep extra: "):
         sweeps.check_plugin_choices(["-m", "hydra/launcher=joblib", "prefix.length=2,4"], REPO / "conf")
     sweeps.check_plugin_choices(["-m", "prefix.length=2,4", "hydra.launcher.n_jobs=2"], REPO / "conf")  # no choice
+
+
+def test_a_sweep_inside_one_torchrun_launch_is_refused_not_hung(monkeypatch):
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
+    sweeps.check_torchrun_sweep(["-m", "prefix.length=2", "trainer.report_to=[none]"])  # one job: fine
+    with pytest.raises(SystemExit, match=r"prefix\.length=2,4: a sweep of several jobs cannot run inside one torchrun"):
+        sweeps.check_torchrun_sweep(["-m", "prefix.length=2,4", "max_steps=3"])
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID")
+    sweeps.check_torchrun_sweep(["-m", "prefix.length=2,4"])  # no torchrun: Hydra sweeps as usual

@@ -17,7 +17,7 @@ import hydra
 from omegaconf import DictConfig
 
 from ptune.hydra_setup import route_library_logs, run_output_dir
-from ptune.sweeps import cap_torch_threads, check_plugin_choices
+from ptune.sweeps import cap_torch_threads, check_plugin_choices, check_torchrun_sweep
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -31,4 +31,5 @@ def main(cfg: DictConfig) -> float:
 
 if __name__ == "__main__":
     check_plugin_choices(sys.argv[1:], Path(__file__).resolve().parent / "conf")
+    check_torchrun_sweep(sys.argv[1:])
     main()

@@ -26,7 +26,8 @@ EXTRA_OPTIONS = {
 
 
 class PluginChoiceError(SystemExit):
-    """A launcher or sweeper that is not installed: exits with the message, before Hydra starts."""
+    """A command line that cannot work (a plugin not installed, a sweep inside torchrun): exits with the message
+    before Hydra starts."""
 
 
 def installed_options(group: str, config_dir: Path) -> list[str]:
@@ -60,6 +61,23 @@ def check_plugin_choices(argv: Sequence[str], config_dir: Path) -> None:
         if missing:
             message += f" {', '.join(missing)} come with the sweep extra: {SWEEP_EXTRA}"
         raise PluginChoiceError(message)
+
+
+def check_torchrun_sweep(argv: Sequence[str]) -> None:
+    """Refuse a sweep of several jobs inside one ``torchrun`` launch: the first job ends the ranks' process group
+    and the second then waits for it forever. One job per launch works (all ranks share ``multirun/DATE/TIME/0``);
+    for several, start torchrun once per job (a SLURM array does that)."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not {"-m", "--multirun"} & set(argv):
+        return
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    overrides = OverridesParser.create().parse_overrides([a for a in argv if not a.startswith("-")])
+    swept = [o.input_line for o in overrides if o.is_sweep_override()]
+    if swept:
+        raise PluginChoiceError(
+            f"{' '.join(swept)}: a sweep of several jobs cannot run inside one torchrun launch (the second job would "
+            "hang); run torchrun once per job, or sweep on one process per job (hydra/launcher=joblib, slurm_gpu)"
+        )
 
 
 def usable_cores() -> int:

@@ -83,6 +83,8 @@ def training_arguments(cfg: DictConfig, output_dir: str) -> Seq2SeqTrainingArgum
         # CPU only: says so to accelerate, which otherwise runs torchrun ranks as independent jobs (no gloo DDP)
         options.setdefault("use_cpu", True)
         options.setdefault("dataloader_pin_memory", False)
+        if options.get("fsdp"):
+            logger.warning("trainer.fsdp: accelerate shards only on GPU ranks; on CPU this runs as plain DDP")
     if options.get("eval_steps") is None:
         options["eval_steps"] = options["save_steps"]
     return Seq2SeqTrainingArguments(

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import re
 import sys
-import tempfile
 from datetime import datetime
 from pathlib import Path
 
@@ -30,17 +29,20 @@ TINY = [o for o in FAST if not o.startswith(("max_steps", "save_steps", "max_tra
 TINY += ["max_steps=2", "save_steps=2", "max_train_samples=16", "max_eval_samples=8"]
 
 
-CACHE = Path(tempfile.mkdtemp(prefix="ptune-sweep-cache-"))  # tokenised once for the whole module
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    """One tokenised-data cache for the module's runs: the data is tokenised once."""
+    return tmp_path_factory.mktemp("cache")
 
 
-def sweep_cli(tmp_path: Path, *args: str, env_extra: dict | None = None, timeout: int = 300):
+def sweep_cli(tmp_path: Path, cache: Path, *args: str, env_extra: dict | None = None, timeout: int = 300):
     """``python train.py -m ...`` launched in ``tmp_path`` (so multirun/ lands there), sweep dir NOT fixed."""
     return run_cli(
         sys.executable,
         str(REPO / "train.py"),
         "-m",
         *TINY,
-        f"dataset.cache_dir={CACHE}",
+        f"dataset.cache_dir={cache}",
         *args,
         cwd=tmp_path,
         env_extra=env_extra,
@@ -64,10 +66,10 @@ def log_span(log: Path) -> tuple[datetime, datetime]:
     return first, last
 
 
-def test_default_sweep_is_one_folder_and_its_report(tmp_path):
+def test_default_sweep_is_one_folder_and_its_report(tmp_path, cache):
     """`train.py -m prefix.length=2,4 learning_rate=1e-2,2e-2` without hydra.sweep.dir: one folder, four jobs;
     `evaluate.py checkpoint=<sweep>` ranks them with only the swept keys named."""
-    result = sweep_cli(tmp_path, "prefix.length=2,4", "learning_rate=1e-2,2e-2")
+    result = sweep_cli(tmp_path, cache, "prefix.length=2,4", "learning_rate=1e-2,2e-2")
     assert result.returncode == 0, result.stderr[-3000:]
     sweep = the_sweep_folder(tmp_path)
     assert jobs_of(sweep) == ["0", "1", "2", "3"]
@@ -94,8 +96,8 @@ def test_default_sweep_is_one_folder_and_its_report(tmp_path):
     assert (sweep / PLOT_FILE).read_bytes()[:4] == b"\x89PNG"
 
 
-def test_joblib_runs_two_jobs_side_by_side_with_capped_threads(tmp_path):
-    result = sweep_cli(tmp_path, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "prefix.length=2,4")
+def test_joblib_runs_two_jobs_side_by_side_with_capped_threads(tmp_path, cache):
+    result = sweep_cli(tmp_path, cache, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "prefix.length=2,4")
     assert result.returncode == 0, result.stderr[-3000:]
     sweep = the_sweep_folder(tmp_path)
     assert jobs_of(sweep) == ["0", "1"]
@@ -141,8 +143,9 @@ def test_thread_cap_follows_the_launcher_unless_torch_threads_is_set(restore_thr
     assert torch.get_num_threads() == 3
 
 
-def test_submitit_local_runs_the_job(tmp_path):
-    result = sweep_cli(tmp_path, "hydra/launcher=submitit_local", "hydra.launcher.cpus_per_task=1", "prefix.length=2")
+def test_submitit_local_runs_the_job(tmp_path, cache):
+    submitit = ["hydra/launcher=submitit_local", "hydra.launcher.cpus_per_task=1"]
+    result = sweep_cli(tmp_path, cache, *submitit, "prefix.length=2")
     assert result.returncode == 0, result.stderr[-3000:]
     sweep = the_sweep_folder(tmp_path)
     assert jobs_of(sweep) == ["0"] and (sweep / ".submitit").is_dir()  # run through submitit's executor
@@ -150,11 +153,12 @@ def test_submitit_local_runs_the_job(tmp_path):
     assert "torch threads: 1 (hydra.launcher.cpus_per_task=1" in (sweep / "0" / "train.log").read_text()
 
 
-def test_ray_launcher_on_a_local_ray_instance(tmp_path):
+def test_ray_launcher_on_a_local_ray_instance(tmp_path, cache):
     """`hydra/launcher=ray` with no address: the launcher starts a local Ray instance for the sweep, as a user
     would try it before pointing `hydra.launcher.ray.init.address` at a cluster."""
     result = sweep_cli(
         tmp_path,
+        cache,
         "hydra/launcher=ray",
         "+hydra.launcher.ray.init.num_cpus=2",
         "+hydra.launcher.ray.init.include_dashboard=false",
@@ -169,12 +173,12 @@ def test_ray_launcher_on_a_local_ray_instance(tmp_path):
     assert {read_metadata(sweep / job / "checkpoint-2")["prefix"]["length"] for job in "01"} == {2, 4}
 
 
-def test_optuna_search_is_stored_and_resumes(tmp_path):
+def test_optuna_search_is_stored_and_resumes(tmp_path, cache):
     import optuna  # imported here: Optuna 2 warns about SQLAlchemy 2 features at import
 
     storage = f"sqlite:///{tmp_path / 'search.db'}"
     search = ["hydra/sweeper=prefix_search", f"hydra.sweeper.storage={storage}", "hydra.sweeper.study_name=t"]
-    first = sweep_cli(tmp_path, *search, "hydra.sweeper.n_trials=3")
+    first = sweep_cli(tmp_path, cache, *search, "hydra.sweeper.n_trials=3")
     assert first.returncode == 0, first.stderr[-3000:]
     study = optuna.load_study(study_name="t", storage=storage)
     assert study.direction == optuna.study.StudyDirection.MINIMIZE  # objective=eval_loss
@@ -183,7 +187,7 @@ def test_optuna_search_is_stored_and_resumes(tmp_path):
     losses = [t.value for t in study.trials]
     assert all(0 < v < 10 for v in losses)  # eval losses, returned by train.py
 
-    again = sweep_cli(tmp_path, *search, "hydra.sweeper.n_trials=2")
+    again = sweep_cli(tmp_path, cache, *search, "hydra.sweeper.n_trials=2")
     assert again.returncode == 0, again.stderr[-3000:]
     resumed = optuna.load_study(study_name="t", storage=storage)
     assert len(resumed.trials) == 5 and [t.value for t in resumed.trials[:3]] == losses
@@ -210,9 +214,9 @@ def test_every_preset_key_has_a_comment():
                 pytest.fail(f"{path.relative_to(REPO)}:{number}: no comment on {line.strip()!r}")
 
 
-def test_objective_rouge_l_is_what_evaluate_reports_for_those_rows(tmp_path):
+def test_objective_rouge_l_is_what_evaluate_reports_for_those_rows(tmp_path, cache):
     run = tmp_path / "run"
-    cfg = compose_train(*TINY, "max_steps=4", "objective=rouge-l", "objective_samples=6", cache_dir=CACHE)
+    cfg = compose_train(*TINY, "max_steps=4", "objective=rouge-l", "objective_samples=6", cache_dir=cache)
     value = train(cfg, str(run))
     rows = evaluate_target(
         compose_config("evaluate", f"checkpoint={run / 'checkpoint-4'}", "max_samples=6", "metric_processes=1")
@@ -244,3 +248,12 @@ def test_missing_plugins_name_the_extra(monkeypatch):
     with pytest.raises(SystemExit, match=r"joblib, ray, submitit_local, submitit_slurm come with the sweep extra: "):
         sweeps.check_plugin_choices(["-m", "hydra/launcher=joblib", "prefix.length=2,4"], REPO / "conf")
     sweeps.check_plugin_choices(["-m", "prefix.length=2,4", "hydra.launcher.n_jobs=2"], REPO / "conf")  # no choice
+
+
+def test_a_sweep_inside_one_torchrun_launch_is_refused_not_hung(monkeypatch):
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
+    sweeps.check_torchrun_sweep(["-m", "prefix.length=2", "trainer.report_to=[none]"])  # one job: fine
+    with pytest.raises(SystemExit, match=r"prefix\.length=2,4: a sweep of several jobs cannot run inside one torchrun"):
+        sweeps.check_torchrun_sweep(["-m", "prefix.length=2,4", "max_steps=3"])
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID")
+    sweeps.check_torchrun_sweep(["-m", "prefix.length=2,4"])  # no torchrun: Hydra sweeps as usual

@@ -217,7 +217,12 @@ def main(argv: list[str] | None = None) -> int:
     quantize = int4_quantizer()
     bases = [("bf16", lambda: model)]
     if quantize is not None:
-        bases.append(("int4", lambda: quantize(model, "int4")))  # after the bf16 cases: it changes the model
+
+        def int4_base():  # after the bf16 cases: it quantizes the base in place (the prefix stays fp32)
+            quantize(model.base, "int4")
+            return model
+
+        bases.append(("int4", int4_base))
     for base_name, make in bases:
         m = make()
         for micro, ckpt in cases:

@@ -24,8 +24,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from ptune.hydra_setup import REPO_ROOT
 from ptune.modeling import config_sha256
+from ptune.paths import REPO_ROOT
 
 logger = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from ptune.config_checks import check_frontend_config
 from ptune.generation import GenerationSettings
-from ptune.hydra_setup import REPO_ROOT
 from ptune.loading import LoadedModel, load_base, load_checkpoint
+from ptune.paths import REPO_ROOT
 
 
 def compose_frontend_config(overrides: list[str]) -> DictConfig:

@@ -10,7 +10,8 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from ptune.hydra_setup import REPO_ROOT, route_library_logs
+from ptune.hydra_setup import route_library_logs
+from ptune.paths import REPO_ROOT
 
 if TYPE_CHECKING:
     from ptune.loading import LoadedModel

@@ -11,8 +11,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
 from ptune.objective import objective_direction
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from ptune.paths import REPO_ROOT
 
 
 def _launcher_start_time() -> float | None:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv and install ptune (editable, with test tools) and a torch build that fits this machine.
+# Create .venv and install ptune (editable, with test tools and bitsandbytes) and a torch build that fits this machine.
 #   TORCH_SPEC   what to install for torch when none is installed yet (default: torch==2.13.0, which is the
 #                CUDA build from PyPI on a Linux GPU machine, or a local CPU wheel where pip is pointed at one)
 #   PYTHON       the interpreter for the venv (default: python3, 3.10 or newer)
@@ -11,6 +11,6 @@ fi
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/pip install --disable-pip-version-check -q "${TORCH_SPEC:-torch==2.13.0}"
 fi
-.venv/bin/pip install --disable-pip-version-check -q -e ".[dev]"
+.venv/bin/pip install --disable-pip-version-check -q -e ".[dev,quant]"  # quant: bitsandbytes, for nf4 (tested)
 .venv/bin/python -c "import torch, transformers, hydra; print('ptune ready: torch', torch.__version__, \
 '| transformers', transformers.__version__, '| CUDA' if torch.cuda.is_available() else '| CPU only')"

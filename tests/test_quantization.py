@@ -228,3 +228,17 @@ def test_nf4_without_bitsandbytes_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # what an environment without it gives
     with pytest.raises(ImportError, match=r"needs bitsandbytes.*pip install -e '.\[quant\]'"):
         load_base_model(TINY_GLM, "float32", "nf4")
+
+
+@pytest.mark.parametrize("quantization", ["int4", "int8"])
+def test_estimate_counts_the_quantized_layers_as_they_are_held(quantization):
+    from ptune.estimate import ModelShape
+
+    shape = ModelShape.from_config(json.loads((TINY_GLM / "config.json").read_text()))
+    model = load_base_model(TINY_GLM, "float32", quantization)
+    held = sum(
+        m.weight.numel() * m.weight.element_size() + m.weight_scale.numel() * m.weight_scale.element_size()
+        for m in model.modules()
+        if isinstance(m, QuantizedLinear)
+    )
+    assert held == shape.layers * shape.layer_linear_weights * 2 * shape.layer_weight_ratio(quantization)

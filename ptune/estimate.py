@@ -47,7 +47,7 @@ ACTIVATION_BYTES = 2  # fp16/bf16 compute, also for a quantised base (weights ar
 KNOWN_MODELS = ("chatglm2-6b",)
 # What benchmarks/quantization.py measured (2026-12-02, 2-core x86-64 CPU, its 4-layer hidden-1024 GLM): resident
 # bytes of the quantized layers (packed weights, fp16 scales, biases) as a share of the same layers in bf16.
-MEASURED_LAYER_RATIO = {"int8": 0.50, "int4": 0.25}
+MEASURED_LAYER_RATIO = {"int8": 0.501, "int4": 0.251}
 
 
 def chatglm2_6b_config() -> dict:
@@ -347,7 +347,7 @@ def format_table(est: Estimate) -> str:
         cells = " | ".join(f"**{values[base] / scale:.{digits - 1}f}**" for base in BASES)
         lines.append(f"| **{name}** | {cells} |")
     ratios = " / ".join(f"{s.layer_weight_ratio(base):.3f}x" for base in ("int8", "int4"))
-    measured = " / ".join(f"{MEASURED_LAYER_RATIO[base]:.2f}x" for base in ("int8", "int4"))
+    measured = " / ".join(f"{MEASURED_LAYER_RATIO[base]:.3f}x" for base in ("int8", "int4"))
     math_scores = 3 * est.batch * s.heads * est.seq * (est.prefix + est.seq) * ACTIVATION_BYTES * s.layers
     lines += [
         "",

@@ -48,6 +48,9 @@ BASES = ("fp16/bf16", "int8", "int4")
 WEIGHT_BITS = {"fp16/bf16": 16, "int8": 8, "int4": 4}
 ACTIVATION_BYTES = 2  # fp16/bf16 compute, also for a quantised base (weights are dequantised per matmul)
 KNOWN_MODELS = ("chatglm2-6b",)
+# What benchmarks/quantization.py measured (2026-12-02, 2-core x86-64 CPU, its 4-layer hidden-1024 GLM): resident
+# bytes of the quantized layers (packed weights, fp16 scales, biases) as a share of the same layers in bf16.
+MEASURED_LAYER_RATIO = {"int8": 0.501, "int4": 0.251}
 
 
 def chatglm2_6b_config() -> dict:
@@ -168,6 +171,13 @@ class ModelShape:
     def inv_freq_elements(self) -> int:
         """The rotary ``inv_freq`` buffer, which original checkpoints store as a tensor (not a parameter)."""
         return self.rotary_dim // 2
+
+    def layer_weight_ratio(self, base: str) -> float:
+        """Bytes of the layers' linear weights in ``base`` (one fp16 scale per row included) over fp16."""
+        bits = WEIGHT_BITS[base]
+        return (self.layer_linear_weights * bits / 8 + self.layer_linear_rows * 2 * (bits < 16)) / (
+            2 * self.layer_linear_weights
+        )
 
     def weight_bytes(self, base: str) -> float:
         bits = WEIGHT_BITS[base]
@@ -339,12 +349,16 @@ def format_table(est: Estimate) -> str:
     for name, values in est.totals:
         cells = " | ".join(f"**{values[base] / scale:.{digits - 1}f}**" for base in BASES)
         lines.append(f"| **{name}** | {cells} |")
+    ratios = " / ".join(f"{s.layer_weight_ratio(base):.3f}x" for base in ("int8", "int4"))
+    measured = " / ".join(f"{MEASURED_LAYER_RATIO[base]:.3f}x" for base in ("int8", "int4"))
     math_scores = 3 * est.batch * s.heads * est.seq * (est.prefix + est.seq) * ACTIVATION_BYTES * s.layers
     lines += [
         "",
         "Not included: CUDA context (~0.5-1 GiB), cuBLAS workspace, allocator slack (often 10-30% of activations), "
         "transient buffers; the SDPA math kernel (no fused kernel) would add "
         f"{math_scores / scale:.{digits}f} {unit} of attention scores.",
+        f"int8 / int4 (model.quantization): the layers' linear weights at {ratios} their fp16 bytes here; "
+        f"benchmarks/quantization.py measured {measured} (resident bytes, bf16 = 1) on a 4-layer hidden-1024 GLM.",
     ]
     return "\n".join(lines)
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from ptune.chatglm2_files import verify
 from ptune.checkpoint import build_prefix, read_metadata
 from ptune.loading import load_checkpoint
 from ptune.modeling import load_base_model
@@ -169,6 +170,11 @@ def test_prequantized_folder_refuses_other_quantizations_and_mismatched_files(pr
     other = "int8" if bits == 4 else "int4"
     with pytest.raises(ValueError, match=f"saved quantized to int{bits}.*model.quantization={other}"):
         load_base_model(folder, "float32", other)
+    assert "sizes fine" in verify(folder)[0]  # one file, no index: the sizes come from config.json
+    cut = shutil.copytree(folder, tmp_path / "cut")
+    (cut / "pytorch_model.bin").write_bytes((folder / "pytorch_model.bin").read_bytes()[:-5])
+    with pytest.raises(ValueError, match="cut/pytorch_model.bin: not a complete torch archive"):
+        load_base_model(cut, "float32")
     lying = shutil.copytree(folder, tmp_path / "lying")  # config.json says the other bit width
     config = json.loads((lying / "config.json").read_text())
     (lying / "config.json").write_text(json.dumps({**config, "quantization_bit": 12 - bits}))
@@ -228,3 +234,17 @@ def test_nf4_without_bitsandbytes_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # what an environment without it gives
     with pytest.raises(ImportError, match=r"needs bitsandbytes.*pip install -e '.\[quant\]'"):
         load_base_model(TINY_GLM, "float32", "nf4")
+
+
+@pytest.mark.parametrize("quantization", ["int4", "int8"])
+def test_estimate_counts_the_quantized_layers_as_they_are_held(quantization):
+    from ptune.estimate import ModelShape
+
+    shape = ModelShape.from_config(json.loads((TINY_GLM / "config.json").read_text()))
+    model = load_base_model(TINY_GLM, "float32", quantization)
+    held = sum(
+        m.weight.numel() * m.weight.element_size() + m.weight_scale.numel() * m.weight_scale.element_size()
+        for m in model.modules()
+        if isinstance(m, QuantizedLinear)
+    )
+    assert held == shape.layers * shape.layer_linear_weights * 2 * shape.layer_weight_ratio(quantization)

@@ -12,11 +12,12 @@ import hydra
 from omegaconf import DictConfig
 
 from ptune.hydra_setup import route_library_logs, run_output_dir
-from ptune.training import train
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float:
+    from ptune.training import train  # here, not at the top: --help need not import torch and transformers
+
     route_library_logs()
     return train(cfg, run_output_dir())
 

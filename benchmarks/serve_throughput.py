@@ -64,18 +64,16 @@ def start_server(
     checkpoint: Path, max_batch_size: int, max_tokens: int, threads: int, log: Path
 ) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    command = [
-        sys.executable,
-        "-m",
-        "ptune.serve",
-        f"checkpoint={checkpoint}",
-        f"port={port}",
-        f"max_batch_size={max_batch_size}",
-        "max_queue=1000",
-        f"generation.max_new_tokens={max_tokens}",
-        "generation.do_sample=false",
-        f"torch_threads={threads}",
-    ]
+    settings = {
+        "checkpoint": checkpoint,
+        "port": port,
+        "max_batch_size": max_batch_size,
+        "max_queue": 1000,
+        "generation.max_new_tokens": max_tokens,
+        "generation.do_sample": "false",
+        "torch_threads": threads,
+    }
+    command = [sys.executable, "-m", "ptune.serve", *(f"{key}={value}" for key, value in settings.items())]
     with open(log, "ab") as out:
         proc = subprocess.Popen(command, cwd=REPO, env=ENV, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"

@@ -221,8 +221,8 @@ class BatchDecoder:
         start = self._prefix_length
         used = self._mask[:, start:].any(dim=0).nonzero()
         cut = int(used[0]) if used.numel() else 0  # leading columns that are padding for every remaining row
-        columns = torch.cat([torch.arange(start, device=self.device), torch.arange(start + cut, self._mask.shape[1])])
-        columns = columns.to(self.device)
+        width = self._mask.shape[1]
+        columns = torch.cat([torch.arange(start), torch.arange(start + cut, width)]).to(self.device)
         self._mask = self._mask[:, columns]
         for layer in self._cache.layers:
             layer.keys, layer.values = layer.keys[index][:, :, columns], layer.values[index][:, :, columns]

@@ -22,7 +22,7 @@ from ptune.sweeps import cap_torch_threads, check_plugin_choices, check_torchrun
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float:
-    from ptune.training import train  # imported here: a refused command line costs no transformers import
+    from ptune.training import train  # here, not at the top: --help and a refused command line import no torch
 
     route_library_logs()
     cap_torch_threads(cfg.torch_threads)

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import sys
 
-from ptune.frontend import compose_frontend_config, describe, generation_settings, load_model
-from ptune.generation import stream_answer
-from ptune.hydra_setup import route_library_logs
+from ptune.frontend import describe, dropped_note, generation_settings
+from ptune.frontend_main import frontend_setup
+from ptune.generation import fit_history, stream_answer
 
 PROMPT = "You: "
 REPLY = "Model: "
@@ -41,10 +41,13 @@ def chat(loaded, settings, read=input, write=sys.stdout.write) -> None:
             continue
         if not query:
             continue
+        kept, dropped = fit_history(loaded, query, history)
+        if dropped:
+            write(f"{dropped_note(dropped, loaded.max_source_length)}\n")
         write(REPLY)
         shown = ""
         try:
-            for shown_next in stream_answer(loaded, query, history, settings):
+            for shown_next in stream_answer(loaded, query, kept, settings):
                 write(shown_next[len(shown) :] if shown_next.startswith(shown) else "\n" + shown_next)
                 sys.stdout.flush()
                 shown = shown_next
@@ -55,9 +58,10 @@ def chat(loaded, settings, read=input, write=sys.stdout.write) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = compose_frontend_config(sys.argv[1:] if argv is None else argv)
-    route_library_logs()
-    loaded = load_model(cfg)
+    setup = frontend_setup("chat", sys.argv[1:] if argv is None else argv, __doc__)
+    if isinstance(setup, int):
+        return setup
+    cfg, loaded = setup
     chat(loaded, generation_settings(cfg))
     return 0
 

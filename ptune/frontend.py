@@ -37,8 +37,26 @@ def load_model(cfg: DictConfig) -> LoadedModel:
         loaded = load_base(cfg.model.path, dtype, prompt, cfg.max_source_length, 0, cfg.model.quantization)
     else:
         raise SystemExit("give checkpoint=PATH (a ptune checkpoint) or model.path=PATH (a bare base model)")
-    loaded.max_source_length = cfg.max_source_length
+    loaded.max_source_length = prompt_limit(cfg.max_source_length, loaded)
     return loaded
+
+
+def prompt_limit(wanted: int | None, loaded: LoadedModel) -> int:
+    """The demos' max_source_length: ``wanted`` (``max_source_length=``), else the checkpoint's training length,
+    never more than the model's positions (``max_position_embeddings``)."""
+    positions = getattr(loaded.model.config, "max_position_embeddings", None)
+    chosen = [n for n in (wanted if wanted is not None else loaded.max_source_length, positions) if n]
+    if not chosen:
+        raise ValueError(f"{loaded.base_path}: the model states no position limit; set max_source_length=N")
+    return min(chosen)
+
+
+def dropped_note(dropped: int, limit: int) -> str:
+    """What the chat front ends tell the user when ``fit_history`` left turns out."""
+    return (
+        f"(the oldest {dropped} turn(s) of the history are left out: the prompt holds at most {limit} tokens, "
+        "max_source_length; 'clear' starts afresh)"
+    )
 
 
 def generation_settings(cfg: DictConfig, **request: float | int | None) -> GenerationSettings:

@@ -50,5 +50,10 @@ def frontend_setup(name: str, argv: list[str], doc: str | None) -> tuple[DictCon
     return cfg, loaded
 
 
+def configured_api_key(cfg: DictConfig) -> str | None:
+    """The configured ``api_key``, or None for an open server (``api_key=null`` or empty)."""
+    return None if cfg.api_key is None or str(cfg.api_key) == "" else str(cfg.api_key)
+
+
 def _one_line(err: BaseException) -> str:
     return " ".join(str(err).split()) or type(err).__name__

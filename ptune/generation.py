@@ -63,15 +63,31 @@ def eos_ids(loaded: LoadedModel) -> list[int]:
     return ids
 
 
-def encode_prompt(loaded: LoadedModel, query: str, history: Sequence[tuple[str, str]] = ()) -> list[int]:
-    """Prompt ids as in training: the prompt format, special prefix tokens, truncated to max_source_length."""
+def encode_prompt(
+    loaded: LoadedModel, query: str, history: Sequence[tuple[str, str]] = (), truncate: bool = True
+) -> list[int]:
+    """Prompt ids as in training: the prompt format, special prefix tokens, truncated to max_source_length (at the
+    end, as the reference recipe does; ``fit_history`` keeps a conversation's newest turns instead)."""
     text = loaded.prompt_format.build(query, history, loaded.tokenizer)
     return loaded.tokenizer(
         text,
         add_special_tokens=not loaded.prompt_format.text_has_special_tokens,
-        truncation=True,
-        max_length=loaded.max_source_length,
+        truncation=truncate,
+        max_length=loaded.max_source_length if truncate else None,
     )["input_ids"]
+
+
+def fit_history(
+    loaded: LoadedModel, query: str, history: Sequence[tuple[str, str]]
+) -> tuple[list[tuple[str, str]], int]:
+    """The newest turns of ``history`` that fit in max_source_length with ``query``, and how many of the oldest
+    were left out (the chat front ends say so). The query itself is never dropped; alone too long, it is cut as
+    in training."""
+    turns = list(history)
+    for dropped in range(len(turns)):
+        if len(encode_prompt(loaded, query, turns[dropped:], truncate=False)) <= loaded.max_source_length:
+            return turns[dropped:], dropped
+    return [], len(turns)
 
 
 def reference_label(tokenizer: PreTrainedTokenizerBase, response: str, max_target_length: int) -> str:
@@ -205,8 +221,8 @@ class BatchDecoder:
         start = self._prefix_length
         used = self._mask[:, start:].any(dim=0).nonzero()
         cut = int(used[0]) if used.numel() else 0  # leading columns that are padding for every remaining row
-        columns = torch.cat([torch.arange(start, device=self.device), torch.arange(start + cut, self._mask.shape[1])])
-        columns = columns.to(self.device)
+        width = self._mask.shape[1]
+        columns = torch.cat([torch.arange(start), torch.arange(start + cut, width)]).to(self.device)
         self._mask = self._mask[:, columns]
         for layer in self._cache.layers:
             layer.keys, layer.values = layer.keys[index][:, :, columns], layer.values[index][:, :, columns]
@@ -305,7 +321,8 @@ def stream_answer(
     the same prompt ids and decoder, so the finished answer equals the evaluator's for the same settings.
     ``answer_ids``, if given, receives the answer's token ids once it is complete (for exact token counts).
 
-    Generation runs in the caller's thread, a token per iteration: closing the iterator early (a client gone) or
+    ``history`` should fit (``fit_history``): prompts are cut at the end, as in training. Generation runs in the
+    caller's thread, a token per iteration: closing the iterator early (a client gone) or
     an exception in it (Ctrl-C) stops it at once, and ``stop`` ends it at the next token."""
     decoder = BatchDecoder(loaded)
     [row] = decoder.add([encode_prompt(loaded, query, history)], [settings])

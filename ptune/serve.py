@@ -58,8 +58,8 @@ from omegaconf import DictConfig
 from starlette.types import Receive, Scope, Send
 
 from ptune.frontend import describe, generation_settings
-from ptune.frontend_main import LOOPBACK, frontend_setup
-from ptune.generation import GenerationSettings, encode_prompt
+from ptune.frontend_main import LOOPBACK, configured_api_key, frontend_setup
+from ptune.generation import GenerationSettings, encode_prompt, fit_history
 from ptune.loading import LoadedModel
 from ptune.serve_http import ApiError, ChatCompletionRequest, Pairs, RequestGate, install_error_handlers, to_query
 from ptune.serve_reference import add_reference_route, answer_tokens
@@ -69,11 +69,6 @@ DEFAULT_PORT = 8000
 DISCONNECT_POLL_SECONDS = 0.25  # how often a waiting non-streaming request checks that its client is still there
 RETRY_AFTER_SECONDS = 1  # a full queue drains in about an answer's time on the built-in model; clients back off
 logger = logging.getLogger(__name__)
-
-
-def api_key(cfg: DictConfig) -> str | None:
-    """The configured key, or None for an open server (``api_key=null`` or empty)."""
-    return None if cfg.api_key is None or str(cfg.api_key) == "" else str(cfg.api_key)
 
 
 def model_id(loaded: LoadedModel) -> str:
@@ -128,7 +123,10 @@ class Service:
         """Queue a request for the scheduler; a full queue is a 503 with ``Retry-After``."""
 
         def prepare() -> tuple[list[int], GenerationSettings]:  # in the worker thread, where the tokenizer is used
-            prompt = encode_prompt(self.loaded, query, history)
+            kept, dropped = fit_history(self.loaded, query, history)
+            if dropped:
+                logger.info("left out the oldest %d turn(s) of a request's history (max_source_length)", dropped)
+            prompt = encode_prompt(self.loaded, query, kept)
             if max_length is None:
                 return prompt, settings
             new_tokens = answer_tokens(max_length, len(prompt), self.limit)
@@ -210,7 +208,7 @@ def build_app(cfg: DictConfig, loaded: LoadedModel) -> FastAPI:
     app.state.service = service
     install_error_handlers(app)
     body_bytes = 16 * service.max_input_chars + (1 << 20)  # room for JSON escapes (\uXXXX) and message overhead
-    app.add_middleware(RequestGate, key=api_key(cfg), max_body_bytes=body_bytes)
+    app.add_middleware(RequestGate, key=configured_api_key(cfg), max_body_bytes=body_bytes)
     add_reference_route(app, service)
 
     @app.get("/v1/models")
@@ -290,9 +288,16 @@ def _stream_completion(
 
     async def events() -> AsyncIterator[str]:
         yield chunk({"role": "assistant", "content": ""})
-        sent = ""
+        sent, held = "", None
         while True:
-            kind, value = await items.get()
+            kind, value = held or await items.get()
+            held = None
+            while kind == "text" and not items.empty():  # behind the worker: send only the newest text, one piece
+                following = items.get_nowait()
+                if following[0] != "text":
+                    held = following
+                    break
+                value = following[1]
             if kind == "text":
                 if value.startswith(sent):
                     if len(value) > len(sent):
@@ -341,9 +346,9 @@ def main(argv: list[str] | None = None) -> int:
         shown,
         port,
         int(cfg.max_batch_size),
-        "; API key required" if api_key(cfg) else "",
+        "; API key required" if configured_api_key(cfg) else "",
     )
-    if not api_key(cfg) and host not in LOOPBACK:
+    if not configured_api_key(cfg) and host not in LOOPBACK:
         logger.warning("ptune serve: listening on %s without api_key: anyone who can reach it can use it", host)
     uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
     return 0

@@ -147,30 +147,32 @@ class Scheduler:
             job.row = row
 
     def _report(self, decoder: BatchDecoder) -> None:
-        """Send streaming rows their text, answer the rows that ended, remove them and the abandoned ones."""
+        """Send streaming rows their text, remove the rows that ended and the abandoned ones, then answer them (so
+        ``/health`` never counts an answered request as in flight)."""
         tokenizer = self.loaded.tokenizer
-        done = []
+        done: list[tuple[Job, Answer]] = []
         for job in self._active:
             row = job.row
             if job.stop.is_set():  # the client left: nobody reads the answer
-                done.append(job)
-                job.future.set_result(Answer("", len(row.prompt), len(row.ids), "stop"))
-                continue
-            if row.finish:
+                done.append((job, Answer("", len(row.prompt), len(row.ids), "stop")))
+            elif row.finish:
                 text = decode(tokenizer, row.ids)
                 if job.on_text is not None and text != job.shown:
                     job.on_text(text)
-                done.append(job)
-                job.future.set_result(Answer(text, len(row.prompt), len(row.ids), row.finish))
+                done.append((job, Answer(text, len(row.prompt), len(row.ids), row.finish)))
             elif job.on_text is not None:
                 text = visible_text(tokenizer, row.ids, job.shown)
                 if text != job.shown:
                     job.on_text(text)
                     job.shown = text
-        if done:
-            decoder.remove([job.row for job in done])
-            with self._changed:
-                self._active = [job for job in self._active if job not in done]
+        if not done:
+            return
+        ended = [job for job, _ in done]
+        decoder.remove([job.row for job in ended])
+        with self._changed:
+            self._active = [job for job in self._active if job not in ended]
+        for job, answer in done:
+            job.future.set_result(answer)
 
 
 def _fail(job: Job, err: BaseException) -> None:

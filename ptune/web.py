@@ -3,7 +3,8 @@
     ptune web checkpoint=outputs/DATE/TIME/checkpoint-200 [port=7860] [host=0.0.0.0] [generation.max_new_tokens=512]
 
 Answers stream in as they are generated; the turns on the page go back to the model as (query, answer) pairs, the
-exact text of each (Clear, or the chat's trash icon, starts afresh). Answers render as Markdown through Gradio's own
+exact text of each (Clear, or the chat's trash icon, starts afresh). The user's messages show as plain text
+(escaped: AdvertiseGen's ``*`` separators are not emphasis); answers render as Markdown through Gradio's own
 renderer with its HTML sanitiser on and no custom tags let through, so model output cannot put scripts or event
 handlers into the page. Generation is not thread-safe: one answer at a time (Gradio's queue, concurrency 1).
 """
@@ -12,6 +13,8 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import secrets
 import sys
 import threading
 from collections.abc import Iterator
@@ -21,8 +24,9 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from
 import gradio as gr  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from ptune.frontend import compose_frontend_config, describe, generation_settings, load_model  # noqa: E402
-from ptune.generation import stream_answer  # noqa: E402
+from ptune.frontend import describe, dropped_note, generation_settings  # noqa: E402
+from ptune.frontend_main import LOOPBACK, configured_api_key, frontend_setup  # noqa: E402
+from ptune.generation import fit_history, stream_answer  # noqa: E402
 from ptune.loading import LoadedModel  # noqa: E402
 
 DEFAULT_PORT = 7860
@@ -38,12 +42,28 @@ def _text(content: str | list | dict | None) -> str:
     return "".join(_text(part) for part in content or [])
 
 
+# Every ASCII punctuation character: CommonMark lets a backslash make any of them literal
+_PUNCTUATION = re.compile(r"([!-/:-@\[-`{-~])")
+_ESCAPED = re.compile(r"\\([!-/:-@\[-`{-~])")
+
+
+def plain(text: str) -> str:
+    """The user's text as the page must show it, literally: AdvertiseGen prompts such as ``类型#裙*颜色#红色*风格#复古``
+    are not Markdown (the two ``*`` would vanish and italicise what is between), and HTML stays text. The
+    Chatbot renders Markdown for answers, so the user's text is backslash-escaped; ``unplain`` undoes it exactly."""
+    return _PUNCTUATION.sub(r"\\\1", text)
+
+
+def unplain(text: str) -> str:
+    return _ESCAPED.sub(r"\1", text)
+
+
 def history_pairs(messages: Messages | None) -> list[tuple[str, str]]:
     """The finished turns on the page as (query, answer) pairs: what the model is given as history."""
     pairs, query = [], None
     for message in messages or []:
         if message["role"] == "user":
-            query = _text(message["content"])
+            query = unplain(_text(message["content"]))
         elif query is not None:
             pairs.append((query, _text(message["content"])))
             query = None
@@ -51,7 +71,8 @@ def history_pairs(messages: Messages | None) -> list[tuple[str, str]]:
 
 
 def to_messages(pairs: list[tuple[str, str]]) -> Messages:
-    return [m for q, a in pairs for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
+    """The turns for the Chatbot: the user's text shown literally (``plain``), answers as Markdown."""
+    return [m for q, a in pairs for m in ({"role": "user", "content": plain(q)}, {"role": "assistant", "content": a})]
 
 
 def _ready() -> dict:
@@ -74,9 +95,12 @@ def build_demo(cfg: DictConfig, loaded: LoadedModel) -> gr.Blocks:
             return
         settings = generation_settings(cfg, max_new_tokens=int(max_new_tokens), top_p=top_p, temperature=temperature)
         stop = threading.Event()  # set when Gradio closes this generator (the page went away, Clear pressed)
+        kept, dropped = fit_history(loaded, query, pairs)
+        if dropped:
+            gr.Info(dropped_note(dropped, loaded.max_source_length))
         try:
             yield to_messages([*pairs, (query, "")]), "", busy
-            for answer in stream_answer(loaded, query, pairs, settings, stop):
+            for answer in stream_answer(loaded, query, kept, settings, stop):
                 yield to_messages([*pairs, (query, answer)]), "", busy
         finally:
             stop.set()
@@ -129,20 +153,35 @@ def build_demo(cfg: DictConfig, loaded: LoadedModel) -> gr.Blocks:
     return demo
 
 
+def access(cfg: DictConfig) -> dict:
+    """Gradio's login when ``api_key`` is set (any user name, the key as password, compared in constant time);
+    without one, a warning when the page listens beyond loopback."""
+    key = configured_api_key(cfg)
+    if key is None:
+        if str(cfg.host or "127.0.0.1") not in LOOPBACK:
+            logging.getLogger(__name__).warning(
+                "ptune web: listening on %s without api_key: anyone who can reach it can use it", cfg.host
+            )
+        return {}
+
+    def check(_user: str, password: str) -> bool:
+        return secrets.compare_digest(password.encode(), key.encode())
+
+    return {"auth": check, "auth_message": "Log in with any user name and the server's api_key as password."}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's own start-up probes
-    cfg = compose_frontend_config(argv)
-    try:
-        loaded = load_model(cfg)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"ptune web: {err}", file=sys.stderr)
-        return 1
+    setup = frontend_setup("web", argv, __doc__)
+    if isinstance(setup, int):
+        return setup
+    cfg, loaded = setup
     print(f"ptune web: {describe(loaded)}", flush=True)
     demo = build_demo(cfg, loaded)
     demo.queue(default_concurrency_limit=1).launch(
-        server_name=cfg.host, server_port=int(cfg.port or DEFAULT_PORT), share=False, ssr_mode=False
+        server_name=cfg.host, server_port=int(cfg.port or DEFAULT_PORT), share=False, ssr_mode=False, **access(cfg)
     )
     return 0
 

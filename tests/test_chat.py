@@ -2,17 +2,28 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import signal
+import subprocess
 import sys
 
 import pexpect
 import pytest
 from safetensors.torch import load_file, save_file
 
+from ptune.chat import chat
 from ptune.data import Example
 from ptune.frontend import compose_frontend_config, generation_settings, load_model
-from ptune.generation import GenerationSettings, encode_prompt, eos_ids, generate_answers, generate_ids
+from ptune.generation import (
+    GenerationSettings,
+    decode,
+    encode_prompt,
+    eos_ids,
+    fit_history,
+    generate_answers,
+    generate_ids,
+)
 from ptune.loading import load_checkpoint
 from ptune.training import train
 from tests.conftest import FAST, REPO, compose_train, make_tiny_model
@@ -55,15 +66,14 @@ def ask(child: pexpect.spawn, query: str) -> str:
 
 
 def test_two_turns_use_history_and_clear_resets_it(checkpoint):
-    loaded = load_checkpoint(checkpoint)
-    loaded.max_source_length = compose_frontend_config([]).max_source_length  # the chat keeps long histories
+    loaded = load_model(compose_frontend_config([f"checkpoint={checkpoint}", "max_source_length=512"]))
     settings = GenerationSettings(max_new_tokens=48)
     a1 = generate_answers(loaded, [Example(Q1, "")], settings, 1)[0]
     with_history = generate_answers(loaded, [Example(Q2, "", ((Q1, a1),))], settings, 1)[0]
     alone = generate_answers(loaded, [Example(Q2, "")], settings, 1)[0]
     assert with_history != alone  # so the test below can tell whether history was used
 
-    child = spawn(f"checkpoint={checkpoint}")
+    child = spawn(f"checkpoint={checkpoint}", "max_source_length=512")  # room for the history
     assert checkpoint.name in child.before  # the banner names what is loaded
     assert ask(child, Q1) == a1  # the evaluator's answer: one generation path
     assert ask(child, Q2) == with_history
@@ -113,3 +123,64 @@ def test_ctrl_c_stops_an_answer_and_keeps_the_session(endless_model):
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Help, errors, prompt length (all three front ends)
+
+
+@pytest.mark.parametrize("front_end", ["chat", "web", "serve"])
+def test_front_ends_print_their_options_and_one_line_errors(front_end, tmp_path, capsys):
+    module = importlib.import_module(f"ptune.{front_end}")
+    assert module.main(["--help"]) == 0
+    shown = capsys.readouterr().out
+    assert f"ptune {front_end} checkpoint=" in shown  # the usage...
+    assert "max_batch_size:" in shown and "# a ptune checkpoint folder" in shown  # ...and conf/chat.yaml, commented
+    assert module.main([f"checkpoint={tmp_path / 'nothing'}"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "nothing" in err and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert module.main(["no_such_key=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no_such_key" in err and len(err.splitlines()) == 1 and "Traceback" not in err, err
+
+
+def test_train_help_imports_neither_torch_nor_transformers():
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", "train.py", "--help"], cwd=REPO, env=ENV, capture_output=True, text=True
+    )
+    assert done.returncode == 0 and "Powered by Hydra" in done.stdout and "max_steps" in done.stdout
+    imported = {line.split("|")[-1].strip().split(".")[0] for line in done.stderr.splitlines() if "|" in line}
+    assert "hydra" in imported and not imported & {"torch", "transformers", "datasets"}
+
+
+def test_the_prompt_limit_is_the_checkpoints_length_within_the_models_positions(checkpoint):
+    trained = load_checkpoint(checkpoint).max_source_length
+    assert load_model(compose_frontend_config([f"checkpoint={checkpoint}"])).max_source_length == min(trained, 512)
+    wide = load_model(compose_frontend_config([f"checkpoint={checkpoint}", "max_source_length=5000"]))
+    assert wide.max_source_length == 512  # models/tiny-glm has 512 positions
+    bare = load_model(compose_frontend_config([f"model.path={REPO / 'models' / 'tiny-glm'}"]))
+    assert bare.max_source_length == 512
+
+
+def test_a_long_conversation_drops_its_oldest_turns_keeps_the_newest_and_says_so(checkpoint):
+    loaded = load_model(compose_frontend_config([f"checkpoint={checkpoint}"]))
+    history = [(f"第{k}轮", "好" * 6) for k in range(12)]
+    cut = decode(loaded.tokenizer, encode_prompt(loaded, Q2, history))
+    assert Q2 not in cut  # cut at the end, as in training: the newest turn would be lost
+    kept, dropped = fit_history(loaded, Q2, history)
+    assert 0 < dropped < len(history) and kept == history[dropped:]
+    prompt = encode_prompt(loaded, Q2, kept, truncate=False)
+    assert len(prompt) <= loaded.max_source_length and Q2 in decode(loaded.tokenizer, prompt)
+    assert len(encode_prompt(loaded, Q2, history[dropped - 1 :], truncate=False)) > loaded.max_source_length
+
+    questions = iter([Q1, Q1, Q1])
+    written: list[str] = []
+
+    def read_or_end(_prompt: str) -> str:
+        try:
+            return next(questions)
+        except StopIteration:
+            raise EOFError from None
+
+    chat(loaded, GenerationSettings(max_new_tokens=48), read=read_or_end, write=written.append)
+    assert "history are left out" in "".join(written) and "max_source_length" in "".join(written)

@@ -38,7 +38,7 @@ CHROMIUM_ARGS = [
     "--disable-quic",
     "--no-proxy-server",  # the page is on loopback; never route it through a proxy from the environment
 ]
-FIRST, SECOND = "类型#裙*颜色#红色", "你好"
+FIRST, SECOND = "类型#裙*颜色#红色*风格#复古", "你好"  # FIRST as Markdown: two '*' lost, the middle in italics
 NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
@@ -52,7 +52,7 @@ def test_one_answer_at_a_time_and_the_page_is_the_history():
     (respond,) = [f for f in demo.fns.values() if f.name == "respond"]
     assert respond.concurrency_limit == 1 and {event for _, event in respond.targets} == {"click", "submit"}
     chatbot = gr.Chatbot()
-    turns = [("q1", "a1"), ("q2", "**a**\n<b>2</b>")]
+    turns = [("q1", "a1"), ("q2", "**a**\n<b>2</b>"), (FIRST + " \\* `x`", "a3")]
     page = chatbot.preprocess(chatbot.postprocess([*web.to_messages(turns), {"role": "user", "content": "open"}]))
     assert web.history_pairs(page) == turns  # Gradio 6 hands content back as parts; the text comes back exactly
 
@@ -110,10 +110,16 @@ def browser(chromium):
 
 @pytest.fixture(scope="module")
 def overrides(tmp_path_factory) -> list[str]:
-    """The page's command line: a short real training run of the built-in default, greedy, one torch thread."""
+    """The page's command line: a short real training run of the built-in default, greedy, one torch thread, room
+    for the history (the checkpoint was trained with 64 prompt tokens)."""
     root = tmp_path_factory.mktemp("web")
     train(compose_train(*FAST, cache_dir=root / "cache"), str(root / "run"))
-    return [f"checkpoint={root / 'run' / 'checkpoint-6'}", "torch_threads=1", "generation.do_sample=false"]
+    return [
+        f"checkpoint={root / 'run' / 'checkpoint-6'}",
+        "torch_threads=1",
+        "generation.do_sample=false",
+        "max_source_length=512",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -210,7 +216,8 @@ def test_chat_streams_the_evaluators_answers_with_history_and_clears(server, bro
     growing = [t for t in dict.fromkeys(shown) if t]
     assert len(growing) >= 3, f"the answer did not stream: {growing}"  # it appeared piece by piece...
     assert [len(t) for t in growing] == sorted(len(t) for t in growing)  # ...and only grew
-    assert page.locator("#chat [data-testid=user]").first.inner_text() == FIRST
+    user_turn = page.locator("#chat [data-testid=user]").first
+    assert user_turn.inner_text() == FIRST and user_turn.locator("em, strong").count() == 0  # plain text
 
     ask(page, SECOND, second, press_enter=False)  # the second turn is answered with the first as history
     assert page.locator("#chat [data-testid=bot]").count() == 2
@@ -284,7 +291,10 @@ def test_html_in_answers_does_not_reach_the_page(browser, greedy, monkeypatch):
         expect(bot.locator("strong")).to_have_text("bold")  # Markdown renders
         expect(bot.locator("pre code")).to_contain_text("<script>window.__pwned = 'code block'</script>")
         expect(bot).to_contain_text("styled")
-        assert page.locator("#chat [data-testid=user] strong").count() == 1  # the user's copy rendered the same
+        user_turn = page.locator("#chat [data-testid=user]").last  # the user's copy shows as typed, no Markdown
+        assert user_turn.locator("strong, pre, code, img, svg, a").count() == 0
+        expect(user_turn).to_contain_text("**bold** and `inline code`")
+        expect(user_turn).to_contain_text("<script>window.__pwned = 'code block'</script>")
         page.wait_for_timeout(500)  # time for an <img onerror> to fire, were it there
         assert page.evaluate(UNSAFE_IN_CHAT) == []
         assert page.locator("#chat img[onerror], #chat script, #chat iframe").count() == 0
@@ -296,3 +306,38 @@ def test_html_in_answers_does_not_reach_the_page(browser, greedy, monkeypatch):
         page.close()
     finally:
         demo.close()
+
+
+def test_api_key_is_required_on_the_page_and_an_open_page_beyond_loopback_warns(caplog):
+    """Gradio's login with the api_key as password, on the real page server (no browser needed)."""
+    import ptune.web as web
+
+    cfg = compose_frontend_config(["api_key=s3cret"])
+    demo = web.build_demo(cfg, SimpleNamespace(base_path="base", checkpoint="ckpt"))
+    port = free_port()
+    demo.queue().launch(
+        server_name="127.0.0.1",
+        server_port=port,
+        prevent_thread_lock=True,
+        ssr_mode=False,
+        quiet=True,
+        **web.access(cfg),
+    )
+    try:
+        import httpx
+
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", trust_env=False, timeout=30) as client:
+            assert client.get("/config").status_code == 401  # nothing of the app without logging in
+            assert client.post("/login", data={"username": "me", "password": "wrong"}).status_code == 400
+            assert client.get("/config").status_code == 401
+            assert client.post("/login", data={"username": "me", "password": "s3cret"}).status_code == 200
+            assert client.get("/config").status_code == 200
+    finally:
+        demo.close()
+    caplog.set_level("WARNING")
+    assert web.access(compose_frontend_config(["host=0.0.0.0"])) == {}
+    assert "without api_key" in caplog.text
+    caplog.clear()
+    web.access(compose_frontend_config(["host=0.0.0.0", "api_key=k"]))
+    web.access(compose_frontend_config([]))
+    assert "without api_key" not in caplog.text

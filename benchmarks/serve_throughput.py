@@ -1,0 +1,212 @@
+"""Throughput and latency of ``ptune serve`` under concurrent clients: one request at a time (``max_batch_size=1``)
+against batching (the configured default).
+
+Usage: ``.venv/bin/python benchmarks/serve_throughput.py [--checkpoint PATH] [--clients 1 4 16 64] [--rounds 3]``
+
+Without ``--checkpoint`` it trains the built-in model briefly (``train.py max_steps=30``) into a temporary folder.
+Each round starts a fresh real server process per mode (alternating) on loopback and drives each client count in
+turn: every client sends requests back to back (half of them streaming with usage, half not), ``--requests``
+per level in all (at least two per client), greedy, ``--max-tokens`` new tokens at most. Reported per level and
+mode, medians over rounds: requests/s, generated tokens/s, p50/p95 latency, p50 time to first token (the first
+streamed piece; a whole answer for non-streaming requests), and each as a ratio to one-at-a-time at the same
+client count. Each server first answers every prompt once, one at a time (a warm-up, untimed); every later answer
+must equal that one (checked).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+
+
+def train_checkpoint(folder: Path) -> Path:
+    run = folder / "run"
+    subprocess.run(
+        [
+            sys.executable,
+            "train.py",
+            "max_steps=30",
+            "save_steps=30",
+            f"hydra.run.dir={run}",
+            "trainer.report_to=[none]",
+        ],
+        cwd=REPO,
+        env=ENV,
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    return run / "checkpoint-30"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(
+    checkpoint: Path, max_batch_size: int, max_tokens: int, threads: int, log: Path
+) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    settings = {
+        "checkpoint": checkpoint,
+        "port": port,
+        "max_batch_size": max_batch_size,
+        "max_queue": 1000,
+        "generation.max_new_tokens": max_tokens,
+        "generation.do_sample": "false",
+        "torch_threads": threads,
+    }
+    command = [sys.executable, "-m", "ptune.serve", *(f"{key}={value}" for key, value in settings.items())]
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(command, cwd=REPO, env=ENV, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited: {log.read_text()[-2000:]}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            time.sleep(0.2)
+    raise RuntimeError("the server did not start")
+
+
+async def one_request(client: httpx.AsyncClient, prompt: str, stream: bool) -> dict:
+    body = {"messages": [{"role": "user", "content": prompt}], "stream": stream}
+    start = time.perf_counter()
+    first = None
+    if not stream:
+        response = await client.post("/v1/chat/completions", json=body)
+        response.raise_for_status()
+        done = response.json()
+        end = time.perf_counter()
+        text, tokens = done["choices"][0]["message"]["content"], done["usage"]["completion_tokens"]
+    else:
+        body["stream_options"] = {"include_usage": True}
+        pieces, tokens = [], 0
+        async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+            response.raise_for_status()
+            async for line in response.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk.get("usage"):
+                    tokens = chunk["usage"]["completion_tokens"]
+                for choice in chunk["choices"]:
+                    if choice["delta"].get("content"):
+                        first = first or time.perf_counter()
+                        pieces.append(choice["delta"]["content"])
+        end = time.perf_counter()
+        text = "".join(pieces)
+    return {"prompt": prompt, "text": text, "tokens": tokens, "latency": end - start, "ttft": (first or end) - start}
+
+
+async def drive(url: str, prompts: list[str], clients: int, requests: int) -> tuple[float, list[dict]]:
+    """``clients`` concurrent clients share ``requests`` requests, each sending its next as soon as one ends."""
+    queue = list(range(requests))
+    results: list[dict] = []
+    limits = httpx.Limits(max_connections=clients + 4)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+
+        async def worker() -> None:
+            while queue:
+                k = queue.pop(0)
+                results.append(await one_request(client, prompts[k % len(prompts)], stream=k % 2 == 1))
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(clients)))
+        return time.perf_counter() - start, results
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def summarise(wall: float, results: list[dict]) -> dict[str, float]:
+    latencies = [r["latency"] for r in results]
+    return {
+        "req/s": len(results) / wall,
+        "tok/s": sum(r["tokens"] for r in results) / wall,
+        "p50 s": percentile(latencies, 0.5),
+        "p95 s": percentile(latencies, 0.95),
+        "ttft s": percentile([r["ttft"] for r in results], 0.5),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", type=Path)
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 64])
+    parser.add_argument("--requests", type=int, default=64, help="requests per client level (at least 2 per client)")
+    parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--batch-size", type=int, default=16, help="the batched mode's max_batch_size")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument(
+        "--threads", type=int, default=1, help="the server's torch threads (1 leaves a core to the clients)"
+    )
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="ptune-serve-bench-"))
+    checkpoint = args.checkpoint or train_checkpoint(work)
+    rows = [json.loads(line) for line in (REPO / "data" / "synthetic_adgen" / "dev.json").read_text().splitlines()]
+    prompts = [row["content"] for row in rows][:64]
+    modes = {"one at a time": 1, f"batched ({args.batch_size})": args.batch_size}
+    measured: dict[tuple[str, int], list[dict[str, float]]] = {}
+    answers: dict[str, str] = {}
+    loads = [os.getloadavg()[0]]
+    for _ in range(args.rounds):
+        for mode, size in modes.items():
+            proc, url = start_server(checkpoint, size, args.max_tokens, args.threads, work / "server.log")
+            try:  # warm-up, one prompt at a time: the answers every later one must equal
+                _, alone = asyncio.run(drive(url, prompts, 1, len(prompts)))
+                for r in alone:
+                    if answers.setdefault(r["prompt"], r["text"]) != r["text"]:
+                        raise AssertionError(f"{mode}: the answer asked alone differs for {r['prompt']!r}")
+                for clients in args.clients:
+                    wall, results = asyncio.run(drive(url, prompts, clients, max(args.requests, 2 * clients)))
+                    for r in results:  # greedy: every answer equals the first one seen for its prompt
+                        if answers.setdefault(r["prompt"], r["text"]) != r["text"]:
+                            raise AssertionError(f"{mode}, {clients} clients: answer differs for {r['prompt']!r}")
+                    measured.setdefault((mode, clients), []).append(summarise(wall, results))
+            finally:
+                proc.terminate()
+                proc.wait(30)
+            loads.append(os.getloadavg()[0])
+    base_mode = next(iter(modes))
+    print(
+        f"\n{platform.machine()} CPU, {os.cpu_count()} cores, server torch threads: {args.threads}; "
+        f"{time.strftime('%Y-%m-%d')}; "
+        f"medians of {args.rounds} alternating rounds; load average (1 min) {min(loads):.2f}-{max(loads):.2f}; "
+        f"{args.max_tokens} new tokens at most, greedy, half the requests streamed; answers equal (checked)\n"
+    )
+    keys = ["req/s", "tok/s", "p50 s", "p95 s", "ttft s"]
+    print("| clients | mode | " + " | ".join(keys) + " |")
+    print("|---|---|" + "---|" * len(keys))
+    for clients in args.clients:
+        base = {k: statistics.median(m[k] for m in measured[(base_mode, clients)]) for k in keys}
+        for mode in modes:
+            med = {k: statistics.median(m[k] for m in measured[(mode, clients)]) for k in keys}
+            cells = [f"{med[k]:.3g} ({med[k] / base[k]:.2f}x)" for k in keys]
+            print(f"| {clients} | {mode} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()

@@ -11,15 +11,24 @@ totals. Left out, the answer gets ``generation.max_new_tokens``. ``temperature``
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 from fastapi import FastAPI, Request
 from pydantic import Field, field_validator
 
 from ptune.serve_http import Body
 
-if TYPE_CHECKING:
-    from ptune.serve import Service
+
+class AnswerService(Protocol):
+    """What this route needs of ``ptune.serve.Service`` (named structurally: serve.py imports this module)."""
+
+    def check_input(self, query: str, history: list[tuple[str, str]]) -> None: ...
+
+    def settings(self, max_new_tokens: int | None = None, field: str = "max_tokens", **request: Any) -> Any: ...
+
+    async def answer_unless_left(
+        self, request: Request, query: str, history: list[tuple[str, str]], settings: Any, max_length: int | None
+    ) -> Any: ...
 
 
 class ReferenceRequest(Body):
@@ -45,7 +54,7 @@ def answer_tokens(max_length: int, prompt_tokens: int, limit: int) -> int:
     return min(limit, max(1, max_length - prompt_tokens))
 
 
-def add_reference_route(app: FastAPI, service: Service) -> None:
+def add_reference_route(app: FastAPI, service: AnswerService) -> None:
     @app.post("/")
     async def reference_chat(body: ReferenceRequest, request: Request) -> dict:
         history = [(q, a) for q, a in body.history or []]

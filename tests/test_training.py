@@ -180,36 +180,6 @@ def run_cli(*args: str, cwd: Path, env_extra: dict | None = None, timeout: int =
     return subprocess.run([*args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
 
 
-def test_multirun_two_by_two(tmp_path):
-    """`python train.py -m prefix.length=2,4 learning_rate=1e-2,2e-2`: four jobs, four folders."""
-    sweep = tmp_path / "sweep"
-    overrides = [o for o in FAST if not o.startswith(("max_steps", "save_steps"))]
-    result = run_cli(
-        sys.executable,
-        str(REPO / "train.py"),
-        "-m",
-        "prefix.length=2,4",
-        "learning_rate=1e-2,2e-2",
-        "max_steps=2",
-        "save_steps=2",
-        *overrides,
-        f"dataset.cache_dir={tmp_path / 'cache'}",
-        f"hydra.sweep.dir={sweep}",
-        cwd=tmp_path,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit())
-    assert [p.name for p in jobs] == ["0", "1", "2", "3"]
-    seen = set()
-    for job in jobs:
-        assert (job / "checkpoint-2" / PREFIX_FILE).exists()
-        assert (job / ".hydra" / "config.yaml").exists()
-        meta = read_metadata(job / "checkpoint-2")
-        seen.add((meta["prefix"]["length"], meta["config"]["learning_rate"]))
-        assert "step 2" in (job / "train.log").read_text()  # the loss lines reach the log file
-    assert seen == {(2, 1e-2), (2, 2e-2), (4, 1e-2), (4, 2e-2)}
-
-
 def test_torchrun_ranks_share_one_run_folder(tmp_path):
     torchrun = Path(sys.executable).with_name("torchrun")
     result = run_cli(

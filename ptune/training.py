@@ -176,6 +176,12 @@ def train(cfg: DictConfig, output_dir: str) -> float:
     trainer.save_state()  # trainer_state.json in the run folder: the whole log history, first eval to last
     if torch.distributed.is_initialized():  # leave together: a rank exiting early breaks the others' connections
         trainer.accelerator.wait_for_everyone()
+        # Free DDP's reducer now, while its gloo group is alive on every rank: freed only after
+        # destroy_process_group (when train() returns), the group's destructor could wait forever on a worker
+        # thread (seen once in a 2-rank test run). The unwrapped model stays for the objective below.
+        trainer.model_wrapped = trainer.model
+        trainer.accelerator.free_memory()
+        trainer.accelerator.wait_for_everyone()
         torch.distributed.destroy_process_group()
     logger.info("final eval loss %.4f; checkpoints in %s", metrics["eval_loss"], output_dir)
     return final_objective(cfg, trainer, float(metrics["eval_loss"]))

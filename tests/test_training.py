@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -176,8 +177,19 @@ def test_a_few_steps_on_real_advertisegen_lines(fast_cfg, tmp_path):
 
 
 def run_cli(*args: str, cwd: Path, env_extra: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run a command in its own process group; past ``timeout`` the whole group is killed (torchrun's ranks too,
+    which would otherwise keep the output pipes open and the test waiting forever)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env_extra or {})}
-    return subprocess.run([*args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+    with subprocess.Popen(
+        [*args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    ) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+            pytest.fail(f"{' '.join(args[:3])} ... ran past {timeout} s and was killed:\n{err[-3000:]}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def test_torchrun_ranks_share_one_run_folder(tmp_path):

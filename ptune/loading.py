@@ -6,7 +6,6 @@ says which base model, prefix shape and options, prompt format and lengths to us
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,8 +17,6 @@ from ptune.config_checks import check_base_model
 from ptune.modeling import load_base_model, load_tokenizer
 from ptune.prefix import PrefixShape, PrefixTunedModel
 from ptune.prompts import PromptFormat
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass

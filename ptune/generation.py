@@ -42,11 +42,7 @@ class GenerationSettings:
     do_sample: bool = False  # greedy: the same answers (and metrics) on every run
     top_p: float = 0.7  # with do_sample: the reference recipe's values
     temperature: float = 0.95
-    seed: int = 42  # with do_sample: seeds torch before generating
-
-    def generate_kwargs(self) -> dict:
-        sampling = {"do_sample": True, "top_p": self.top_p, "temperature": self.temperature}
-        return {"max_new_tokens": self.max_new_tokens, **(sampling if self.do_sample else {"do_sample": False})}
+    seed: int = 42  # with do_sample: seeds the row's own random generator (its answer depends on it alone)
 
 
 def eos_ids(loaded: LoadedModel) -> list[int]:

@@ -255,7 +255,7 @@ class PrefixTunedModel(nn.Module):
     def _chunked_loss_forward(self, *args, labels: torch.Tensor, **kwargs) -> CausalLMOutputWithPast:
         """Decoder -> hidden states of the positions that predict a label -> chunked output layer and loss."""
         num_items = kwargs.pop("num_items_in_batch", None)
-        self._active.kv = self.prefix()  # the decoder is called directly, so the base's pre-hook does not run
+        self._compute_prefix(self.base, ())  # the decoder is called directly, so the base's pre-hook does not run
         # no cache: training needs none, and a cache would also turn off transformers' packed-row masks
         out = self.base.get_decoder()(*args, **{**kwargs, "use_cache": False})
         targets = nn.functional.pad(labels[:, 1:], (0, 1), value=-100).flatten()  # position t predicts t + 1

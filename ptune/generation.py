@@ -322,12 +322,12 @@ def stream_answer(
     an exception in it (Ctrl-C) stops it at once, and ``stop`` ends it at the next token."""
     decoder = BatchDecoder(loaded)
     [row] = decoder.add([encode_prompt(loaded, query, history)], [settings])
+    text = TextSoFar(loaded.tokenizer, row.ids)
     shown = ""
     while True:
-        text = visible_text(loaded.tokenizer, row.ids, shown)
-        if text != shown:
-            yield text
-            shown = text
+        if text.update() != shown:
+            shown = text.shown
+            yield shown
         if row.finish or (stop is not None and stop.is_set()):
             break
         decoder.step()
@@ -338,8 +338,37 @@ def stream_answer(
         yield final
 
 
-def visible_text(tokenizer: PreTrainedTokenizerBase, ids: Sequence[int], shown: str) -> str:
-    """The answer so far for streaming; ``shown`` while its last token ends in an incomplete character (a byte
-    token that only the next one completes decodes to U+FFFD)."""
-    text = decode(tokenizer, ids)
-    return shown if text.endswith("\ufffd") else text
+class TextSoFar:
+    """The text of a growing answer for streaming, at a cost per new token that does not grow with the answer.
+
+    Decoding all of an answer's ids at every step would cost O(length) a token (O(length^2) an answer). Instead
+    each update decodes a short window, the tokens since the last update plus those of the update before (their
+    context), with and without the new tokens, and appends the difference: a tokenizer that drops the space of a
+    window's first word piece drops it from both, so the difference is what the whole decode adds. While the
+    newest token ends in an incomplete character (a byte token that only the next one completes decodes to
+    U+FFFD) nothing is appended. ``shown`` is the text so far stripped as ``decode`` strips it, so it grows into
+    the final ``decode`` of the ids (a tokenizer whose clean-up joins across the window's edge may differ there;
+    the final answer always comes from the ids)."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> None:
+        self.tokenizer, self.ids = tokenizer, ids  # ``ids`` is the row's list, which grows as it decodes
+        self._text, self._start, self._read = "", 0, 0
+        self.shown = ""
+
+    def update(self) -> str:
+        if len(self.ids) > self._read:
+            before = self._decode(self.ids[self._start : self._read])
+            after = self._decode(self.ids[self._start :])
+            if not after.endswith("\ufffd"):
+                if after.startswith(before):
+                    self._text += after[len(before) :]
+                else:  # the new tokens changed the window's earlier text: decode it all this once
+                    self._text = self._decode(self.ids)
+                self._start, self._read = self._read, len(self.ids)
+                self.shown = self._text.strip()
+        return self.shown
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        if not ids:
+            return ""
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=True)

@@ -22,7 +22,7 @@ import logging
 import threading
 from collections.abc import Callable
 
-from ptune.generation import BatchDecoder, GenerationSettings, Row, decode, visible_text
+from ptune.generation import BatchDecoder, GenerationSettings, Row, TextSoFar, decode
 from ptune.loading import LoadedModel
 
 logger = logging.getLogger(__name__)
@@ -50,6 +50,7 @@ class Job:
     on_text: Callable[[str], None] | None = None
     future: concurrent.futures.Future = dataclasses.field(default_factory=concurrent.futures.Future)
     row: Row | None = None
+    text: TextSoFar | None = None  # streaming only: the answer so far
     shown: str = ""
 
 
@@ -145,6 +146,8 @@ class Scheduler:
             self.largest_batch = max(self.largest_batch, len(self._active))
         for job, row in zip(ready, decoder.add(prompts, settings), strict=True):
             job.row = row
+            if job.on_text is not None:
+                job.text = TextSoFar(self.loaded.tokenizer, row.ids)
 
     def _report(self, decoder: BatchDecoder) -> None:
         """Send streaming rows their text, remove the rows that ended and the abandoned ones, then answer them (so
@@ -160,8 +163,8 @@ class Scheduler:
                 if job.on_text is not None and text != job.shown:
                     job.on_text(text)
                 done.append((job, Answer(text, len(row.prompt), len(row.ids), row.finish)))
-            elif job.on_text is not None:
-                text = visible_text(tokenizer, row.ids, job.shown)
+            elif job.text is not None:
+                text = job.text.update()
                 if text != job.shown:
                     job.on_text(text)
                     job.shown = text

@@ -16,6 +16,7 @@ from omegaconf import DictConfig  # noqa: E402
 from transformers import AutoTokenizer, GlmConfig, GlmForCausalLM, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import ptune.hydra_setup  # noqa: E402,F401  (registers the config resolvers)
+from ptune.generation import TextSoFar  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_GLM = REPO / "models" / "tiny-glm"
@@ -96,3 +97,21 @@ def stop_process(proc) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+def streamed(tokenizer, ids: list[int]) -> tuple[list[str], int]:
+    """``TextSoFar``'s text after each token of ``ids``, and the most ids one tokenizer.decode call was given."""
+    longest, plain = [0], tokenizer.decode
+
+    def counting(token_ids, *args, **kwargs):
+        longest[0] = max(longest[0], len(token_ids))
+        return plain(token_ids, *args, **kwargs)
+
+    grown: list[int] = []
+    text = TextSoFar(tokenizer, grown)
+    text.tokenizer = type("Counting", (), {"decode": staticmethod(counting)})()
+    shown = []
+    for token in ids:
+        grown.append(token)
+        shown.append(text.update())
+    return shown, longest[0]

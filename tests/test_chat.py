@@ -26,7 +26,7 @@ from ptune.generation import (
 )
 from ptune.loading import load_checkpoint
 from ptune.training import train
-from tests.conftest import FAST, REPO, compose_train, make_tiny_model
+from tests.conftest import FAST, REPO, compose_train, make_tiny_model, streamed
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 Q1, Q2 = "类型#裙*颜色#红色*风格#复古", "再短一点"
@@ -184,3 +184,15 @@ def test_a_long_conversation_drops_its_oldest_turns_keeps_the_newest_and_says_so
 
     chat(loaded, GenerationSettings(max_new_tokens=48), read=read_or_end, write=written.append)
     assert "history are left out" in "".join(written) and "max_source_length" in "".join(written)
+
+
+def test_streamed_text_of_a_long_answer_decodes_a_window_per_token_and_ends_as_the_answer(endless_model):
+    loaded = load_model(compose_frontend_config([f"model.path={endless_model}"]))
+    settings = GenerationSettings(max_new_tokens=300, do_sample=True, temperature=1.5, top_p=1.0, seed=7)
+    for _, ids in generate_ids(loaded, [encode_prompt(loaded, Q1), encode_prompt(loaded, Q2)], settings, 2):
+        assert len(ids) == 300  # long: decoding all of it at every token would show below
+        shown, longest = streamed(loaded.tokenizer, ids)
+        final = decode(loaded.tokenizer, ids)
+        assert shown[-1] == final and all(final.startswith(s) for s in shown)
+        assert len(set(shown)) > 100  # it grew token by token
+        assert longest <= 8

@@ -277,3 +277,20 @@ def test_decode_keeping_special_tokens_matches_the_original(sp, tok, saved, dev_
     assert tok.decode(mixed) == sp.decode(non_special(mixed)) == "你好 world \nsop 再见"
     assert tok.decode([GMASK, SOP, 2]) == ""
     assert tok.convert_ids_to_tokens([GMASK, SOP, 2]) == ["[gMASK]", "sop", "</s>"]  # tokens keep their names
+
+
+def test_streamed_text_grows_into_the_whole_decode_from_a_short_window(sp, tok, dev_texts):
+    from ptune.generation import decode
+    from tests.conftest import streamed
+
+    mixed = ["😀 ok\n👨 a 𠀀 end", "  spaced   out  ", "Hello世界, mixed 中文 English text!\n\n价格199元"]
+    texts = [*dev_texts[1][:200], *mixed]
+    for answer in texts:
+        ids = sp.encode(answer)
+        shown, longest = streamed(tok, ids)
+        final = decode(tok, ids)
+        assert shown[-1] == final, answer  # word-start spaces, newlines and byte-encoded characters come out right
+        assert all(final.startswith(s) for s in shown), answer  # never shows what it takes back
+        assert "\ufffd" not in "".join(shown), answer  # a half-decoded character is held back, not shown
+        assert longest <= 8, (answer, longest)  # a window of the newest tokens, not the whole answer
+    assert max(len(sp.encode(a)) for a in texts) > 60

@@ -5,12 +5,17 @@ Usage: ``.venv/bin/python benchmarks/serve_throughput.py [--checkpoint PATH] [--
 
 Without ``--checkpoint`` it trains the built-in model briefly (``train.py max_steps=30``) into a temporary folder.
 Each round starts a fresh real server process per mode (alternating) on loopback and drives each client count in
-turn: every client sends requests back to back (half of them streaming with usage, half not), ``--requests``
-per level in all (at least two per client), greedy, ``--max-tokens`` new tokens at most. Reported per level and
-mode, medians over rounds: requests/s, generated tokens/s, p50/p95 latency, p50 time to first token (the first
-streamed piece; a whole answer for non-streaming requests), and each as a ratio to one-at-a-time at the same
+turn: every client sends requests back to back (half of them streaming with usage, half not), ``--requests`` per
+level in all (256 by default, at least two per client), greedy, ``--max-tokens`` new tokens at most. Reported per
+level and mode, medians over rounds: requests/s, generated tokens/s, p50/p95 latency, p50 time to first token (the
+first streamed piece; a whole answer for non-streaming requests), and each as a ratio to one-at-a-time at the same
 client count. Each server first answers every prompt once, one at a time (a warm-up, untimed); every later answer
 must equal that one (checked).
+
+``--scheduler-clients N`` adds a table without HTTP: the same scheduler driven in-process by N client threads
+(fresh processes, alternating, same prompts and settings) one at a time, with continuous batching, and with
+static batches (a batch forms from whatever waited and runs until all of its rows end; this form lives only in
+the benchmark). Against the HTTP table it shows what the server process's HTTP work costs the decoding.
 """
 
 from __future__ import annotations
@@ -152,22 +157,98 @@ def summarise(wall: float, results: list[dict]) -> dict[str, float]:
     }
 
 
+def scheduler_run(checkpoint: Path, mode: str, size: int, clients: int, requests: int, max_tokens: int) -> float:
+    """Generated tokens/s of ``ptune.serve_scheduler.Scheduler`` alone (no HTTP), in this process."""
+    import threading
+
+    import torch
+
+    from ptune.frontend import compose_frontend_config, load_model
+    from ptune.generation import GenerationSettings, encode_prompt
+    from ptune.serve_scheduler import Job, Scheduler
+
+    class StaticBatches(Scheduler):
+        def _slots_to_fill(self) -> int:  # nobody joins a running batch
+            return 0 if self._active else self.max_batch_size
+
+    torch.set_num_threads(1)
+    loaded = load_model(compose_frontend_config([f"checkpoint={checkpoint}"]))
+    prompts = [encode_prompt(loaded, prompt) for prompt in dev_prompts()]
+    settings = GenerationSettings(max_new_tokens=max_tokens)
+    scheduler = (StaticBatches if mode == "static" else Scheduler)(loaded, size, requests)
+    left, tokens, lock = list(range(requests)), [0], threading.Lock()
+
+    def client() -> None:  # requests back to back, half of them streaming (text sent to nobody)
+        while True:
+            with lock:
+                if not left:
+                    return
+                k = left.pop()
+            on_text = (lambda _text: None) if k % 2 else None
+            job = Job(lambda k=k: (prompts[k % len(prompts)], settings), threading.Event(), on_text)
+            answer = scheduler.submit(job).result()
+            with lock:
+                tokens[0] += answer.completion_tokens
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - start
+    scheduler.close()
+    return tokens[0] / wall
+
+
+def dev_prompts() -> list[str]:
+    rows = [json.loads(line) for line in (REPO / "data" / "synthetic_adgen" / "dev.json").read_text().splitlines()]
+    return [row["content"] for row in rows][:64]
+
+
+def scheduler_table(args: argparse.Namespace, checkpoint: Path) -> None:
+    modes = {"one at a time": ("continuous", 1), "continuous batching": ("continuous", args.batch_size)}
+    modes["static batches"] = ("static", args.batch_size)
+    measured: dict[str, list[float]] = {mode: [] for mode in modes}
+    for _ in range(args.rounds):
+        for name, (kind, size) in modes.items():
+            command = [sys.executable, __file__, "--scheduler-run", kind, str(size), str(checkpoint)]
+            command += ["--scheduler-clients", str(args.scheduler_clients), "--requests", str(args.requests)]
+            command += ["--max-tokens", str(args.max_tokens)]
+            done = subprocess.run(command, cwd=REPO, env=ENV, check=True, capture_output=True, text=True)
+            measured[name].append(float(done.stdout.strip().splitlines()[-1]))
+    base = statistics.median(measured["one at a time"])
+    print(f"\nThe scheduler alone (no HTTP), {args.scheduler_clients} client threads, medians of {args.rounds}:\n")
+    print("| mode | generated tokens/s |\n|---|---|")
+    for name, values in measured.items():
+        print(f"| {name} | {statistics.median(values):,.0f} ({statistics.median(values) / base:.2f}x) |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path)
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 64])
-    parser.add_argument("--requests", type=int, default=64, help="requests per client level (at least 2 per client)")
+    parser.add_argument(
+        "--requests", type=int, default=256, help="requests per client level (at least 2 per client; fewer is noisier)"
+    )
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--batch-size", type=int, default=16, help="the batched mode's max_batch_size")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument(
         "--threads", type=int, default=1, help="the server's torch threads (1 leaves a core to the clients)"
     )
+    parser.add_argument(
+        "--scheduler-clients", type=int, help="also drive the scheduler in-process (no HTTP) with this many clients"
+    )
+    parser.add_argument("--scheduler-run", nargs=3, metavar=("KIND", "SIZE", "CHECKPOINT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.scheduler_run:  # one in-process measurement, in a fresh process of its own
+        kind, size, path = args.scheduler_run
+        print(scheduler_run(Path(path), kind, int(size), args.scheduler_clients, args.requests, args.max_tokens))
+        return
     work = Path(tempfile.mkdtemp(prefix="ptune-serve-bench-"))
     checkpoint = args.checkpoint or train_checkpoint(work)
-    rows = [json.loads(line) for line in (REPO / "data" / "synthetic_adgen" / "dev.json").read_text().splitlines()]
-    prompts = [row["content"] for row in rows][:64]
+    prompts = dev_prompts()
     modes = {"one at a time": 1, f"batched ({args.batch_size})": args.batch_size}
     measured: dict[tuple[str, int], list[dict[str, float]]] = {}
     answers: dict[str, str] = {}
@@ -206,6 +287,8 @@ def main() -> None:
             med = {k: statistics.median(m[k] for m in measured[(mode, clients)]) for k in keys}
             cells = [f"{med[k]:.3g} ({med[k] / base[k]:.2f}x)" for k in keys]
             print(f"| {clients} | {mode} | " + " | ".join(cells) + " |")
+    if args.scheduler_clients:
+        scheduler_table(args, checkpoint)
 
 
 if __name__ == "__main__":

@@ -105,8 +105,7 @@ class Scheduler:
                     self._changed.wait()
                 if self._closed:
                     break
-                free = self.max_batch_size - len(self._active)
-                joining = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
+                joining = [self._waiting.popleft() for _ in range(min(self._slots_to_fill(), len(self._waiting)))]
             try:
                 self._admit(decoder, joining)
                 self._report(decoder)
@@ -121,6 +120,10 @@ class Scheduler:
                 decoder = BatchDecoder(self.loaded)
         for job in [*self._active, *self._waiting]:
             _fail(job, RuntimeError("the server shut down before the answer was complete"))
+
+    def _slots_to_fill(self) -> int:
+        """How many waiting requests join before the next step: every free slot (continuous batching)."""
+        return self.max_batch_size - len(self._active)
 
     def _admit(self, decoder: BatchDecoder, joining: list[Job]) -> None:
         """Encode the joining requests together and add them to the batch (skipping those whose client left)."""

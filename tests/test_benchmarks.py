@@ -30,3 +30,19 @@ def test_gpu_check_tiny_on_cpu(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "| bf16 | 4 x 1 | no |" in printed and "new tokens/s" in printed
     assert "int4 base:" in printed or "| int4 |" in printed
+
+
+def test_serve_throughput_drives_the_scheduler_alone_in_each_mode(tmp_path):
+    import subprocess
+    import sys
+
+    from ptune.training import train
+    from tests.conftest import FAST, compose_train
+
+    train(compose_train(*FAST, "max_steps=2", "save_steps=2", cache_dir=tmp_path / "cache"), str(tmp_path / "run"))
+    for kind, size in (("continuous", 1), ("continuous", 4), ("static", 4)):
+        command = [sys.executable, "benchmarks/serve_throughput.py", "--scheduler-run", kind, str(size)]
+        command += [str(tmp_path / "run" / "checkpoint-2"), "--scheduler-clients", "4", "--requests", "8"]
+        done = subprocess.run([*command, "--max-tokens", "8"], cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert float(done.stdout.strip().splitlines()[-1]) > 0  # generated tokens/s

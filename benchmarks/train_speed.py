@@ -15,7 +15,7 @@ layers, as in the real model), saved once to a temporary folder:
   accumulation, no gradient checkpointing (the reference ChatGLM2 P-tuning recipe's settings); a secondary
   baseline (``--secondary-baseline-dtype``, default float32) gets its own line;
 - ptune: ``ptune.training.build_trainer`` on the real composed Hydra config, with the overrides printed in the
-  output (PTUNE_BEST: bf16 frozen base + fp32 prefix, 16 rows packed into 256-token sequences, chunked loss).
+  output (PTUNE_BEST: bf16 frozen base + fp32 prefix, 8 rows at a time packed into 256-token sequences, chunked loss).
 
 Each run is a fresh subprocess (``--worker``), so its peak resident memory (``ru_maxrss``) is its own; the sides
 alternate ``--repeats`` times and the table shows medians. The data are real AdvertiseGen lines tokenised with the
@@ -87,11 +87,11 @@ FULL_TRAIN_ROWS = 114_599  # AdvertiseGen's train.json
 # ptune's settings for this hardware (2-core CPU), each a documented config key; see benchmarks/README.md.
 PTUNE_BEST = {
     "dtype": "bfloat16",  # model.dtype: frozen base in bf16, prefix stays fp32
-    "micro_batch": 16,  # trainer.per_device_train_batch_size (x gradient_accumulation_steps 1): one packed batch
-    "pack_length": 256,  # dataset.pack_length: the 16 rows packed into sequences of 256 tokens (~2 rows each)
+    "micro_batch": 8,  # trainer.per_device_train_batch_size (x gradient_accumulation_steps 2): two packed batches
+    "pack_length": 256,  # dataset.pack_length: each micro-batch of 8 rows packed into 256-token sequences
     "sampling": "random",  # trainer.train_sampling_strategy: mixed lengths pack better than length-sorted ones
     "pad_to_multiple_of": 32,  # dataset.pad_to_multiple_of: labelled positions per loss call rounded to 32
-    "checkpointing": True,  # trainer.activation_checkpointing: 16 rows' activations at once, not one row's
+    "checkpointing": True,  # trainer.activation_checkpointing: 8 rows' activations at once, not one row's
     "eval_batch": 32,  # trainer.per_device_eval_batch_size: eval rows per (packed) batch
 }
 # The settings before packing and the chunked loss (benchmarks/README.md, 2026-11-23), for --ablations.
@@ -112,12 +112,14 @@ ABLATIONS = {
         "env": {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "8"},
     },
     "no chunked loss (logits from the first labelled position on)": {"chunked_loss": False},
+    "pack_length=384": {"pack_length": 384},
     "pack_length=512": {"pack_length": 512},
-    "packed 8 x 2 (micro-batch 8, accumulation 2)": {"micro_batch": 8},
+    "packed 16 x 1 (micro-batch 16, no accumulation)": {"micro_batch": 16},
     "packed 4 x 4 (micro-batch 4, accumulation 4)": {"micro_batch": 4},
     "packed, length-grouped order": {"sampling": "group_by_length"},
     "fp32 base (model.dtype=float32)": {"dtype": "float32"},
     "no activation checkpointing": {"checkpointing": False},
+    "no malloc_trim (ptune.memory off)": {"release_memory": False},
 }
 
 
@@ -401,11 +403,14 @@ def run_worker(args: argparse.Namespace) -> None:
     if args.worker == "baseline":
         trainer = baseline_trainer(work, args.samples, settings["dtype"])
     else:
+        import ptune.memory
         import ptune.prefix
         from ptune.training import build_trainer
 
         if not settings.get("chunked_loss", True):
             ptune.prefix.CHUNKED_LOSS_MODELS = frozenset()  # ablation: transformers' head on the labelled span
+        if not settings.get("release_memory", True):
+            ptune.memory._malloc_trim = lambda: None  # ablation: freed heap memory stays with the process
 
         cfg = compose_ptune(work, settings, args.samples)
         trainer = build_trainer(cfg, str(work / "runs" / f"ptune-{os.getpid()}"))

@@ -41,13 +41,20 @@ class _LinearCrossEntropy(torch.autograd.Function):
             logits = nn.functional.linear(h, weight, bias).float()
             valid = t != -100
             rows, picked = valid.nonzero().squeeze(1), t[valid]
-            log_norm = logits.logsumexp(-1, keepdim=True)
-            total += (log_norm[rows, 0] - logits[rows, picked]).sum()
-            # d(sum CE)/d logits = softmax - one-hot, zero on ignored rows (in place: one fp32 buffer per chunk);
-            # then back through the frozen layer in the model's dtype, as autograd does after the fp32 cast
-            d_logits = logits.sub_(log_norm).exp_()
+            target_logits = logits[rows, picked]
+            # d(sum CE)/d logits = softmax - one-hot, zero on ignored rows, computed in place in the one fp32 buffer
+            # of the chunk: exp(logits - max) / sum, whose sum also gives the log-sum-exp (one exp per logit, no
+            # second buffer: logsumexp() then exp(logits - lse) allocated one more and took the exp twice)
+            top = logits.amax(-1, keepdim=True)
+            d_logits = logits.sub_(top).exp_()
+            norm = d_logits.sum(-1, keepdim=True)
+            total += (top[rows, 0] + norm[rows, 0].log() - target_logits).sum()
+            d_logits.div_(norm)
             d_logits[rows, picked] -= 1
-            d_logits[~valid] = 0
+            ignored = (~valid).nonzero().squeeze(1)
+            if ignored.numel():  # only those rows: a mask over the whole chunk would be one more full pass
+                d_logits.index_fill_(0, ignored, 0.0)
+            # then back through the frozen layer in the model's dtype, as autograd does after the fp32 cast
             grad[start : start + chunk] = d_logits.to(hidden.dtype) @ weight
         ctx.save_for_backward(grad)
         return total

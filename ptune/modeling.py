@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from ptune.chatglm2 import is_original_chatglm2, load_chatglm2
 from ptune.chatglm2_tokenizer import build_chatglm2_tokenizer
+from ptune.memory import release_free_memory
 from ptune.quantization import check_quantization, quantize_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -61,4 +62,5 @@ def load_base_model(path: str | Path, dtype: str = "float32", quantization: str 
         if quantization:
             quantize_model(model, quantization)
     model.requires_grad_(False)
+    release_free_memory()  # the conversion buffers of the load, freed but still resident (CPU: ptune/memory.py)
     return model

@@ -19,6 +19,7 @@ from ptune.config_checks import check_base_model, check_resume_settings, check_t
 from ptune.data import read_examples
 from ptune.features import make_collator, tokenize_file
 from ptune.guards import LossGuard
+from ptune.memory import ReleaseFreeMemory
 from ptune.modeling import load_base_model, load_tokenizer
 from ptune.objective import check_objective, final_objective
 from ptune.packing import PackingCollator
@@ -137,6 +138,8 @@ def build_trainer(cfg: DictConfig, output_dir: str) -> PrefixTrainer:
         ),
     )
     trainer.add_callback(LossGuard(model))  # a NaN/inf loss stops the run before anything of it is saved
+    if trainer.args.device.type == "cpu":  # tensors on the C heap: each step's freed memory back to the OS
+        trainer.add_callback(ReleaseFreeMemory)
     return trainer
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 import ptune.chunked_loss as chunked_loss
 import ptune.prefix as prefix_module
@@ -265,3 +266,27 @@ def test_packing_first_fit_by_decreasing_length():
     batch = PackingCollator(12, pad_token_id=0)(rows_of([20, 4]))
     assert batch["input_ids"].shape == (2, 20)  # sequences as wide as the longest row
     assert batch["labels"][1, 0] == -100 and batch["labels"][1, 4:].eq(-100).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_loss_gives_ignored_rows_no_gradient(dtype):
+    """Rows with target -100 (the padding to logits_multiple_of repeats a labelled position's hidden state) get a
+    zero input gradient, inside a chunk and as a whole chunk: loss and gradient equal autograd's through the layer."""
+    torch.manual_seed(0)
+    layer = nn.Linear(8, 50, bias=True).to(dtype).requires_grad_(False)
+    hidden = torch.randn(10, 8, dtype=dtype)
+    targets = torch.tensor([3, -100, 7, 7, -100, 1, -100, -100, -100, -100])  # chunks of 3: the 3rd all ignored
+
+    def loss_and_grad(chunked: bool):
+        h = hidden.clone().requires_grad_(True)
+        if chunked:
+            loss = chunked_loss.linear_cross_entropy(h, layer, targets, chunk=3)
+        else:
+            loss = nn.functional.cross_entropy(layer(h).float(), targets, ignore_index=-100)
+        loss.backward()
+        return loss, h.grad
+
+    (loss, grad), (ref_loss, ref_grad) = loss_and_grad(True), loss_and_grad(False)
+    torch.testing.assert_close(loss, ref_loss)
+    torch.testing.assert_close(grad, ref_grad)
+    assert (grad[targets == -100] == 0).all()

@@ -325,7 +325,11 @@ def test_openai_client_streamed_pieces_join_to_the_non_streamed_answer(base_url)
         )
     )
     pieces = [c.choices[0].delta.content or "" for c in chunks if c.choices]
-    assert len([p for p in pieces if p]) > 1  # it really streamed
+    # a role chunk, the text, a finish chunk: the client parses the stream. How many pieces the text comes in is
+    # timing (a stream that falls behind the decoder sends the newest text in one piece; on a loaded machine a
+    # 30-token answer of the tiny model can be done before the event loop sends its first piece), so the
+    # piece-by-piece delivery is tested with a slowed decoder (test_a_client_that_leaves_stops_its_generation)
+    assert len(chunks) >= 3 and [p for p in pieces if p]
     assert "".join(pieces) == whole.choices[0].message.content
     assert all(c.object == "chat.completion.chunk" and c.model == "my-name" for c in chunks)
     finishes = [c.choices[0].finish_reason for c in chunks if c.choices]

@@ -207,8 +207,11 @@ def dev_prompts() -> list[str]:
 
 
 def scheduler_table(args: argparse.Namespace, checkpoint: Path) -> None:
-    modes = {"one at a time": ("continuous", 1), "continuous batching": ("continuous", args.batch_size)}
-    modes["static batches"] = ("static", args.batch_size)
+    modes = {
+        "one at a time": ("continuous", 1),
+        "continuous batching": ("continuous", args.batch_size),
+        "static batches": ("static", args.batch_size),
+    }
     measured: dict[str, list[float]] = {mode: [] for mode in modes}
     for _ in range(args.rounds):
         for name, (kind, size) in modes.items():

@@ -157,7 +157,9 @@ class BatchDecoder:
         self._mask: torch.Tensor | None = None  # [rows, cache length]: 1 for the prefix and real tokens, 0 for padding
         self._positions: torch.Tensor | None = None  # [rows]: the next token's position (its real tokens so far)
         if isinstance(self.model, PrefixTunedModel):
-            self._prefix: torch.Tensor | None = self.model.inference_prefix()
+            # in the base's dtype once, not at every join
+            dtype = next(self.model.parameters()).dtype
+            self._prefix: torch.Tensor | None = self.model.inference_prefix().to(dtype)
             self._forward_context = self.model.prefix_in_cache
         else:
             self._prefix, self._forward_context = None, contextlib.nullcontext
@@ -178,8 +180,7 @@ class BatchDecoder:
         cache = DynamicCache(config=self.model.config)
         ones = torch.ones(len(rows), self._prefix_length, dtype=real.dtype)
         if self._prefix is not None:
-            dtype = next(self.model.parameters()).dtype
-            for layer, kv in enumerate(self._prefix.to(dtype)):
+            for layer, kv in enumerate(self._prefix):
                 keys, values = (part.unsqueeze(0).expand(len(rows), -1, -1, -1).contiguous() for part in kv)
                 cache.update(keys, values, layer)
         mask = torch.cat([ones, real], dim=1).to(self.device)
@@ -323,18 +324,17 @@ def stream_answer(
     decoder = BatchDecoder(loaded)
     [row] = decoder.add([encode_prompt(loaded, query, history)], [settings])
     text = TextSoFar(loaded.tokenizer, row.ids)
-    shown = ""
     while True:
-        if text.update() != shown:
-            shown = text.shown
-            yield shown
+        sent = text.shown
+        if text.update() != sent:
+            yield text.shown
         if row.finish or (stop is not None and stop.is_set()):
             break
         decoder.step()
     if answer_ids is not None:
         answer_ids.extend(row.ids)
     final = decode(loaded.tokenizer, row.ids)
-    if final != shown:  # a held-back incomplete character at the very end; the ids decide
+    if final != text.shown:  # a held-back incomplete character at the very end; the ids decide
         yield final
 
 

@@ -50,8 +50,7 @@ class Job:
     on_text: Callable[[str], None] | None = None
     future: concurrent.futures.Future = dataclasses.field(default_factory=concurrent.futures.Future)
     row: Row | None = None
-    text: TextSoFar | None = None  # streaming only: the answer so far
-    shown: str = ""
+    text: TextSoFar | None = None  # streaming only: the answer so far, as last sent to ``on_text``
 
 
 class Scheduler:
@@ -163,14 +162,13 @@ class Scheduler:
                 done.append((job, Answer("", len(row.prompt), len(row.ids), "stop")))
             elif row.finish:
                 text = decode(tokenizer, row.ids)
-                if job.on_text is not None and text != job.shown:
+                if job.text is not None and text != job.text.shown:
                     job.on_text(text)
                 done.append((job, Answer(text, len(row.prompt), len(row.ids), row.finish)))
             elif job.text is not None:
-                text = job.text.update()
-                if text != job.shown:
-                    job.on_text(text)
-                    job.shown = text
+                sent = job.text.shown
+                if job.text.update() != sent:
+                    job.on_text(job.text.shown)
         if not done:
             return
         ended = [job for job, _ in done]

@@ -1,12 +1,16 @@
-"""The prepared GPU check runs end to end on CPU with a tiny model (so it cannot rot while no GPU is lent)."""
+"""Benchmark scripts run end to end on CPU with tiny settings, so they cannot rot: the prepared GPU check, and the
+serve benchmark's in-process scheduler runs."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
 import math
+import subprocess
+import sys
 
-from tests.conftest import REPO
+from ptune.training import train
+from tests.conftest import FAST, REPO, compose_train
 
 
 def load_gpu_check():
@@ -33,12 +37,6 @@ def test_gpu_check_tiny_on_cpu(tmp_path, capsys):
 
 
 def test_serve_throughput_drives_the_scheduler_alone_in_each_mode(tmp_path):
-    import subprocess
-    import sys
-
-    from ptune.training import train
-    from tests.conftest import FAST, compose_train
-
     train(compose_train(*FAST, "max_steps=2", "save_steps=2", cache_dir=tmp_path / "cache"), str(tmp_path / "run"))
     for kind, size in (("continuous", 1), ("continuous", 4), ("static", 4)):
         command = [sys.executable, "benchmarks/serve_throughput.py", "--scheduler-run", kind, str(size)]

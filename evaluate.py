@@ -11,8 +11,8 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from ptune.evaluation import evaluate_target, score_predictions
-from ptune.hydra_setup import route_library_logs
+from ptune.evaluation.scoring import evaluate_target, score_predictions
+from ptune.training.hydra_setup import route_library_logs
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")

@@ -16,13 +16,13 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from ptune.hydra_setup import route_library_logs, run_output_dir
-from ptune.sweeps import cap_torch_threads, check_plugin_choices, check_torchrun_sweep
+from ptune.training.hydra_setup import route_library_logs, run_output_dir
+from ptune.training.sweeps import cap_torch_threads, check_plugin_choices, check_torchrun_sweep
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float:
-    from ptune.training import train  # here, not at the top: --help and a refused command line import no torch
+    from ptune.training.recipe import train  # here, not at the top: --help and a refused command line import no torch
 
     route_library_logs()
     cap_torch_threads(cfg.torch_threads)

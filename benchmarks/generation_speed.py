@@ -21,13 +21,13 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from ptune.checkpoint import build_prefix  # noqa: E402
-from ptune.evaluation import load_eval_set  # noqa: E402
-from ptune.generation import GenerationSettings, encode_prompt, generate_ids  # noqa: E402
-from ptune.loading import LoadedModel  # noqa: E402
-from ptune.modeling import load_base_model, load_tokenizer  # noqa: E402
-from ptune.prefix import PrefixShape, PrefixTunedModel  # noqa: E402
-from ptune.prompts import PromptFormat  # noqa: E402
+from ptune.checkpoints.format import build_prefix  # noqa: E402
+from ptune.data.prompts import PromptFormat  # noqa: E402
+from ptune.evaluation.scoring import load_eval_set  # noqa: E402
+from ptune.inference.generation import GenerationSettings, encode_prompt, generate_ids  # noqa: E402
+from ptune.inference.loading import LoadedModel  # noqa: E402
+from ptune.model.base import load_base_model, load_tokenizer  # noqa: E402
+from ptune.model.prefix import PrefixShape, PrefixTunedModel  # noqa: E402
 
 
 def prefixed_model(path: Path, prefix_length: int) -> LoadedModel:

@@ -6,10 +6,10 @@ a model of a few thousand parameters in seconds (the test suite does, so the scr
 What it does, all in one process:
 1. the GPU's bf16 matmul peak, measured (best of a few 8192^3 matmuls), the denominator of the utilisation;
 2. a randomly initialised ``GlmForCausalLM`` with ChatGLM2-6B's real config (``../shared/models/chatglm2-6b-files/
-   config.json`` when present, else the same shape written in ``ptune.estimate``) in bf16, with a 128-position
+   config.json`` when present, else the same shape written in ``ptune.training.estimate``) in bf16, with a 128-position
    prefix (ptune's ``PrefixTunedModel``, chunked output layer and loss);
 3. 20 AdamW steps of the reference layout (rows of 64 prompt + 128 answer tokens + eos, 16 rows per step) for each
-   of: micro-batch 16 x 1 and 1 x 16, with and without gradient checkpointing; and, when ``ptune.quantization``
+   of: micro-batch 16 x 1 and 1 x 16, with and without gradient checkpointing; and, when ``ptune.quantization.layers``
    provides ``quantize_model(model, "int4")``, the same on an int4 base;
 4. per case: tokens/s, model FLOP utilisation (the model FLOPs of ``benchmarks/train_speed.py``: 4 x matmul weights
    x tokens + attention, against the peak of step 1), peak GPU memory (``torch.cuda.max_memory_allocated``) next
@@ -42,12 +42,12 @@ TINY = {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "kv_channe
 
 
 def original_config(tiny: bool) -> tuple[dict, str]:
-    from ptune.estimate import chatglm2_6b_config
+    from ptune.training.estimate import chatglm2_6b_config
 
     if REAL_CONFIG.is_file():
         config, source = json.loads(REAL_CONFIG.read_text(encoding="utf-8")), str(REAL_CONFIG)
     else:
-        config, source = chatglm2_6b_config(), "ptune.estimate.chatglm2_6b_config()"
+        config, source = chatglm2_6b_config(), "ptune.training.estimate.chatglm2_6b_config()"
     if tiny:
         config = {**config, **TINY, "padded_vocab_size": 512, "seq_length": 512}
         source += ", shrunk (--tiny)"
@@ -77,8 +77,8 @@ def build(config: dict, device: str, prefix_length: int):
     """The random bf16 base (built on the device, no weights file) wrapped with a fresh prefix."""
     from transformers import GlmForCausalLM
 
-    from ptune.chatglm2 import glm_config
-    from ptune.prefix import PrefixEncoder, PrefixShape, PrefixTunedModel
+    from ptune.chatglm2.conversion import glm_config
+    from ptune.model.prefix import PrefixEncoder, PrefixShape, PrefixTunedModel
 
     hf_config = glm_config(config)
     torch.manual_seed(0)
@@ -172,12 +172,13 @@ def generation_case(model, device: str, vocab: int, layout: tuple) -> dict:
 
 
 def int4_quantizer():
-    """``ptune.quantization.quantize_model`` when that module exists (issue "Quantized frozen base"), else None."""
-    if importlib.util.find_spec("ptune.quantization") is None:
+    """``ptune.quantization.layers.quantize_model`` when that module exists (issue "Quantized frozen base"),
+    else None."""
+    if importlib.util.find_spec("ptune.quantization.layers") is None:
         return None
-    import ptune.quantization
+    import ptune.quantization.layers
 
-    return getattr(ptune.quantization, "quantize_model", None)
+    return getattr(ptune.quantization.layers, "quantize_model", None)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -189,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("no CUDA GPU here: use --device cpu --tiny for the CPU smoke run")
-    from ptune.estimate import ModelShape, estimate
+    from ptune.training.estimate import ModelShape, estimate
 
     device, tiny = args.device, args.tiny
     steps = args.steps or (1 if tiny else 20)
@@ -241,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
     if quantize is None:
-        print("int4 base: skipped (ptune.quantization.quantize_model(model, 'int4') is not available)")
+        print("int4 base: skipped (ptune.quantization.layers.quantize_model(model, 'int4') is not available)")
     gen = generation_case(m, device, shape.vocab, layout)
     print(
         f"\nbatched generation ({base_name} base): {rows} prompts x {source_tokens} tokens, {target_tokens} new "

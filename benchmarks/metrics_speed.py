@@ -1,4 +1,4 @@
-"""Time the reference ChatGLM2 per-row metrics loop against ptune.metrics.compute_metrics, and check they agree.
+"""Time the reference ChatGLM2 per-row metrics loop against ptune.evaluation.metrics.compute_metrics; check they agree.
 
 Usage: ``.venv/bin/python benchmarks/metrics_speed.py [--rows 1000] [--repeats 3] [--processes N]``
 
@@ -28,7 +28,7 @@ import numpy as np  # noqa: E402
 from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu  # noqa: E402
 from rouge_chinese import Rouge  # noqa: E402
 
-from ptune.metrics import METRIC_NAMES, compute_metrics, score_pairs  # noqa: E402  (also quiets jieba's startup log)
+from ptune.evaluation.metrics import METRIC_NAMES, compute_metrics, score_pairs  # noqa: E402  (also quiets jieba's startup log)
 
 SHARED_DEV = REPO.parent / "shared" / "data" / "advertisegen" / "dev.json"
 SYNTHETIC_DEV = REPO / "data" / "synthetic_adgen" / "dev.json"

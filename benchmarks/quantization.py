@@ -3,10 +3,11 @@
 Usage: ``flock /tmp/ptune-bench.lock .venv/bin/python benchmarks/quantization.py [--steps 8] [--repeats 2]``
 
 One randomly initialised GLM shaped like ChatGLM2 (4 layers, hidden 1024, 8 heads of 128 channels, 2 key/value
-groups, ffn 2736, partial rotary 0.5, built from the real config's flags by ``ptune.chatglm2.glm_config``) with a
-small vocabulary (4,096), so that the layers' linear weights, which quantization shrinks, are 84% of its parameters. It
+groups, ffn 2736, partial rotary 0.5, built from the real config's flags by
+``ptune.chatglm2.conversion.glm_config``) with a small vocabulary (4,096), so that the layers' linear weights,
+which quantization shrinks, are 84% of its parameters. It
 is saved once in bf16; every run is a fresh subprocess (``--worker``, so ``ru_maxrss`` is its own) that loads it
-through ``ptune.modeling.load_base_model`` with ``model.quantization`` set, puts a 16-position fp32 prefix on it and
+through ``ptune.model.base.load_base_model`` with ``model.quantization`` set, puts a 16-position fp32 prefix on it and
 trains the prefix for ``--steps`` AdamW steps (lr 5e-2, batch 2 x 128 tokens, bf16 compute) on rows whose tokens
 come from a fixed set of 64 (learnable: the prefix shifts the output towards them), then measures the eval loss
 on 8 held-out rows. The variants alternate ``--repeats`` times; the table shows medians and ratios to bf16. On CUDA the
@@ -50,8 +51,8 @@ SHAPE = {
 def build_model(folder: Path) -> None:
     from transformers import GlmForCausalLM
 
-    from ptune.chatglm2 import glm_config
-    from ptune.estimate import chatglm2_6b_config
+    from ptune.chatglm2.conversion import glm_config
+    from ptune.training.estimate import chatglm2_6b_config
 
     torch.manual_seed(0)
     GlmForCausalLM(glm_config({**chatglm2_6b_config(), **SHAPE})).to(torch.bfloat16).save_pretrained(folder)
@@ -77,10 +78,10 @@ def tensor_bytes(module: torch.nn.Module) -> int:
 def worker(folder: str, variant: str, steps: int) -> dict:
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from ptune.checkpoint import build_prefix
-    from ptune.modeling import load_base_model
-    from ptune.prefix import PrefixShape, PrefixTunedModel
-    from ptune.quantization import quantizable_linears
+    from ptune.checkpoints.format import build_prefix
+    from ptune.model.base import load_base_model
+    from ptune.model.prefix import PrefixShape, PrefixTunedModel
+    from ptune.quantization.layers import quantizable_linears
 
     with torch.device("meta"):  # the layers quantization replaces, without loading the model twice
         names = quantizable_linears(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder)))
@@ -165,7 +166,7 @@ def main() -> None:
         f"processes, {args.steps} steps each; load average {load_before[0]:.2f} before, {load_after[0]:.2f} after"
     )
     print("\n".join(lines))
-    from ptune.estimate import ModelShape, chatglm2_6b_config
+    from ptune.training.estimate import ModelShape, chatglm2_6b_config
 
     shape = ModelShape.from_config({**chatglm2_6b_config(), **SHAPE})
     print(

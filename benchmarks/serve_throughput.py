@@ -78,7 +78,7 @@ def start_server(
         "generation.do_sample": "false",
         "torch_threads": threads,
     }
-    command = [sys.executable, "-m", "ptune.serve", *(f"{key}={value}" for key, value in settings.items())]
+    command = [sys.executable, "-m", "ptune.serve.app", *(f"{key}={value}" for key, value in settings.items())]
     with open(log, "ab") as out:
         proc = subprocess.Popen(command, cwd=REPO, env=ENV, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -158,14 +158,14 @@ def summarise(wall: float, results: list[dict]) -> dict[str, float]:
 
 
 def scheduler_run(checkpoint: Path, mode: str, size: int, clients: int, requests: int, max_tokens: int) -> float:
-    """Generated tokens/s of ``ptune.serve_scheduler.Scheduler`` alone (no HTTP), in this process."""
+    """Generated tokens/s of ``ptune.serve.scheduler.Scheduler`` alone (no HTTP), in this process."""
     import threading
 
     import torch
 
-    from ptune.frontend import compose_frontend_config, load_model
-    from ptune.generation import GenerationSettings, encode_prompt
-    from ptune.serve_scheduler import Job, Scheduler
+    from ptune.frontends.common import compose_frontend_config, load_model
+    from ptune.inference.generation import GenerationSettings, encode_prompt
+    from ptune.serve.scheduler import Job, Scheduler
 
     class StaticBatches(Scheduler):
         def _slots_to_fill(self) -> int:  # nobody joins a running batch

@@ -14,7 +14,7 @@ layers, as in the real model), saved once to a temporary folder:
   pre_seq_len is set; float16 on a GPU), every row padded to 64 + 128 + 1 = 193 tokens, batch 1 x 16
   accumulation, no gradient checkpointing (the reference ChatGLM2 P-tuning recipe's settings); a secondary
   baseline (``--secondary-baseline-dtype``, default float32) gets its own line;
-- ptune: ``ptune.training.build_trainer`` on the real composed Hydra config, with the overrides printed in the
+- ptune: ``ptune.training.recipe.build_trainer`` on the real composed Hydra config, with the overrides printed in the
   output (PTUNE_BEST: bf16 frozen base + fp32 prefix, 8 rows at a time packed into 256-token sequences, chunked loss).
 
 Each run is a fresh subprocess (``--worker``), so its peak resident memory (``ru_maxrss``) is its own; the sides
@@ -119,7 +119,7 @@ ABLATIONS = {
     "packed, length-grouped order": {"sampling": "group_by_length"},
     "fp32 base (model.dtype=float32)": {"dtype": "float32"},
     "no activation checkpointing": {"checkpointing": False},
-    "no malloc_trim (ptune.memory off)": {"release_memory": False},
+    "no malloc_trim (ptune.utils.memory off)": {"release_memory": False},
 }
 
 
@@ -145,9 +145,9 @@ def build_model(folder: Path, source: dict[str, Any], shrink: dict[str, int]) ->
     """Save the shrunk ChatGLM2-shaped GLM (seed 0) and the tokenizer; return the model's shape for FLOP counts."""
     from transformers import AutoTokenizer, GlmForCausalLM
 
-    from ptune.chatglm2 import glm_config
-    from ptune.chatglm2_tokenizer import save_chatglm2_tokenizer
-    from ptune.estimate import chatglm2_6b_config
+    from ptune.chatglm2.conversion import glm_config
+    from ptune.chatglm2.tokenizer import save_chatglm2_tokenizer
+    from ptune.training.estimate import chatglm2_6b_config
 
     original = {**chatglm2_6b_config(), **shrink}
     config = glm_config(original)  # dtype float16, as the real checkpoint is stored (both sides convert on load)
@@ -221,9 +221,9 @@ def prepare(work: Path, source: dict[str, Any], samples: int, eval_rows: int, sh
     shape = build_model(work / "model", source, SHAPES[shape_name])
     cfg = compose_ptune(work, PTUNE_BEST, samples)
 
-    from ptune.modeling import load_tokenizer
-    from ptune.prompts import PromptFormat
-    from ptune.training import load_split
+    from ptune.data.prompts import PromptFormat
+    from ptune.model.base import load_tokenizer
+    from ptune.training.recipe import load_split
 
     tokenizer = load_tokenizer(cfg.model.path)
     train = load_split(cfg.dataset, cfg.dataset.train_file, tokenizer, PromptFormat.from_config(cfg.model.prompt))
@@ -283,7 +283,7 @@ def ptune_overrides(work: Path, settings: dict[str, Any], samples: int) -> list[
 def compose_ptune(work: Path, settings: dict[str, Any], samples: int):
     from hydra import compose, initialize_config_dir
 
-    import ptune.hydra_setup  # noqa: F401  (registers ${ptune_root:} and friends)
+    import ptune.training.hydra_setup  # noqa: F401  (registers ${ptune_root:} and friends)
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         return compose(config_name="train", overrides=ptune_overrides(work, settings, samples))
@@ -344,9 +344,9 @@ def baseline_trainer(work: Path, samples: int, dtype: str):
     from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments
     from transformers import set_seed as hf_set_seed
 
-    from ptune.modeling import load_tokenizer
-    from ptune.prompts import PromptFormat
-    from ptune.training import load_split
+    from ptune.data.prompts import PromptFormat
+    from ptune.model.base import load_tokenizer
+    from ptune.training.recipe import load_split
 
     cfg = compose_ptune(work, PTUNE_BEST, samples)  # only for the data settings: the same files, rows and ids
     hf_set_seed(SEED)
@@ -403,14 +403,14 @@ def run_worker(args: argparse.Namespace) -> None:
     if args.worker == "baseline":
         trainer = baseline_trainer(work, args.samples, settings["dtype"])
     else:
-        import ptune.memory
-        import ptune.prefix
-        from ptune.training import build_trainer
+        import ptune.model.prefix
+        import ptune.utils.memory
+        from ptune.training.recipe import build_trainer
 
         if not settings.get("chunked_loss", True):
-            ptune.prefix.CHUNKED_LOSS_MODELS = frozenset()  # ablation: transformers' head on the labelled span
+            ptune.model.prefix.CHUNKED_LOSS_MODELS = frozenset()  # ablation: transformers' head on the labelled span
         if not settings.get("release_memory", True):
-            ptune.memory._malloc_trim = lambda: None  # ablation: freed heap memory stays with the process
+            ptune.utils.memory._malloc_trim = lambda: None  # ablation: freed heap memory stays with the process
 
         cfg = compose_ptune(work, settings, args.samples)
         trainer = build_trainer(cfg, str(work / "runs" / f"ptune-{os.getpid()}"))
@@ -533,10 +533,10 @@ def print_loss_curves(runs: dict[str, list[dict[str, Any]]], rows: int = 16) -> 
 
 def time_tokenisation(work: Path, source: dict[str, Any]) -> tuple[float, float, float, int]:
     """Read + tokenise 114,599 rows (the train lines repeated) into a fresh cache, then again from the cache."""
-    from ptune.data import read_examples
-    from ptune.features import tokenize_file
-    from ptune.modeling import load_tokenizer
-    from ptune.prompts import PromptFormat
+    from ptune.data.features import tokenize_file
+    from ptune.data.prompts import PromptFormat
+    from ptune.data.reading import read_examples
+    from ptune.model.base import load_tokenizer
 
     lines = source["train"].read_text(encoding="utf-8").splitlines()
     big = work / "tokenise" / "train.json"
@@ -711,7 +711,8 @@ def report(args, source, data, runs, ablations, peaks, tokenisation, quiet, work
         read_s, cold, warm, rows = tokenisation
         print(
             f"\ntokenisation of {rows:,} rows ({source['name'].split(';')[0]}, lines repeated to the full train size) "
-            f"with ptune.features.tokenize_file: reading {read_s:.1f} s; cold {cold:.1f} s; from the cache {warm:.2f} s"
+            f"with ptune.data.features.tokenize_file: reading {read_s:.1f} s; cold {cold:.1f} s; "
+            f"from the cache {warm:.2f} s"
         )
 
 

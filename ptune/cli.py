@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-FRONT_ENDS = {"chat": "ptune.chat", "web": "ptune.web", "serve": "ptune.serve"}
+FRONT_ENDS = {"chat": "ptune.frontends.chat", "web": "ptune.frontends.web", "serve": "ptune.serve.app"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     imported.add_argument("--out", help="the new ptune checkpoint folder (default: CHECKPOINT-ptune)")
     imported.add_argument("--max-source-length", type=int, default=64, help="prompt tokens kept (reference: 64)")
     imported.add_argument("--max-target-length", type=int, default=128, help="answer tokens (reference: 128)")
-    from ptune import estimate
+    from ptune.training import estimate
 
     estimate_help = "memory estimate for training a prefix (GiB table): --batch 4 or batch=4"
     estimate.add_arguments(commands.add_parser("estimate", help=estimate_help))
@@ -43,7 +43,9 @@ def main(argv: list[str] | None = None) -> int:
         return estimate.run(args)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    from ptune import chatglm2, chatglm2_files, original_ptuning
+    from ptune.chatglm2 import conversion as chatglm2
+    from ptune.chatglm2 import files as chatglm2_files
+    from ptune.checkpoints import original_ptuning
 
     try:
         if args.command == "convert":

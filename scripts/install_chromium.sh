@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Debian's chromium for the web page tests (tests/test_web.py drives it through Playwright), plus a CJK font so
+# Debian's chromium for the web page tests (tests/frontends/test_web.py drives it through Playwright), plus a CJK font so
 # screenshots of the Chinese sample data show text rather than boxes. Needs root and apt; safe to run again.
 set -euo pipefail
 PACKAGES=(chromium fonts-wqy-zenhei)

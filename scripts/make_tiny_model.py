@@ -23,7 +23,7 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import GlmConfig, GlmForCausalLM, PreTrainedTokenizerFast
 
-from ptune.prompts import CHATGLM2_QUERY, CHATGLM2_TURN
+from ptune.data.prompts import CHATGLM2_QUERY, CHATGLM2_TURN
 
 ROOT = Path(__file__).resolve().parents[1]
 SPECIALS = ["<unk>", "<s>", "</s>", "[gMASK]", "sop"]

@@ -15,8 +15,8 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 from transformers import AutoTokenizer, GlmConfig, GlmForCausalLM, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-import ptune.hydra_setup  # noqa: E402,F401  (registers the config resolvers)
-from ptune.generation import TextSoFar  # noqa: E402
+import ptune.training.hydra_setup  # noqa: E402,F401  (registers the config resolvers)
+from ptune.inference.generation import TextSoFar  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_GLM = REPO / "models" / "tiny-glm"

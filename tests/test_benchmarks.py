@@ -9,7 +9,7 @@ import math
 import subprocess
 import sys
 
-from ptune.training import train
+from ptune.training.recipe import train
 from tests.conftest import FAST, REPO, compose_train
 
 

@@ -8,10 +8,10 @@ import time
 import pytest
 from omegaconf import OmegaConf
 
-from ptune import hydra_setup
-from ptune.config_checks import ConfigError, check_frontend_config, check_train_config
-from ptune.frontend import compose_frontend_config
-from ptune.training import train, training_arguments
+from ptune.checkpoints.config_checks import ConfigError, check_frontend_config, check_train_config
+from ptune.frontends.common import compose_frontend_config
+from ptune.training import hydra_setup
+from ptune.training.recipe import train, training_arguments
 from tests.conftest import REPO, compose_train
 
 GROUP_OPTIONS = {

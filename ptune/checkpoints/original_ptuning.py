@@ -1,0 +1,113 @@
+"""Original P-tuning v2 checkpoints (``ptuning/main.py`` of the ChatGLM2 repository) as ptune checkpoints.
+
+The original saves the whole ``transformer.prefix_encoder`` (its table and, with ``prefix_projection``, its MLP)
+in ``pytorch_model.bin`` or ``model.safetensors``. ptune's prefix has the same layout and semantics (real tokens at
+positions 0.., prefix keys without rotary), so the tensors load as they are, with no numeric transformation.
+
+This sits apart from ``ptune.chatglm2.conversion`` (base-model folders) because it writes a ptune checkpoint: it needs
+``ptune.checkpoints.format``, which needs ``ptune.model.base``, which needs ``ptune.chatglm2.conversion``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from transformers import AutoConfig
+
+from ptune.chatglm2.conversion import glm_config, is_original_chatglm2
+from ptune.chatglm2.files import stored_quantization
+from ptune.checkpoints.format import checkpoint_metadata, save_prefix_checkpoint
+from ptune.model.prefix import PrefixEncoder, PrefixShape
+
+ORIGINAL_PREFIX = "transformer.prefix_encoder."
+
+
+def read_original_prefix(checkpoint: str | Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    """The file and the prefix-encoder tensors of an original ``ptuning/main.py`` checkpoint (names without the
+    original ``transformer.prefix_encoder.``)."""
+    checkpoint = Path(checkpoint)
+    if (checkpoint / "model.safetensors").is_file():
+        path = checkpoint / "model.safetensors"
+        tensors = load_file(str(path))
+    elif (checkpoint / "pytorch_model.bin").is_file():
+        path = checkpoint / "pytorch_model.bin"
+        tensors = torch.load(path, map_location="cpu", weights_only=True)
+    else:
+        raise FileNotFoundError(
+            f"{checkpoint}: neither pytorch_model.bin nor model.safetensors; not a P-tuning checkpoint"
+        )
+    prefix = {k[len(ORIGINAL_PREFIX) :]: v for k, v in tensors.items() if k.startswith(ORIGINAL_PREFIX)}
+    if "embedding.weight" not in prefix:
+        raise ValueError(f"{path}: no {ORIGINAL_PREFIX}embedding.weight; not a P-tuning v2 checkpoint")
+    return path, prefix
+
+
+def _check_saved_config(checkpoint: Path, tensors: dict[str, torch.Tensor], shape: PrefixShape, base: Path) -> None:
+    """The config.json the original saved beside its weights: its prefix length, projection and layer/head split
+    must be what the tensors and the base say (the row width alone cannot tell 28 x 2 x 128 from 14 x 4 x 128)."""
+    path = checkpoint / "config.json"
+    if not path.is_file():
+        return
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    rows = tensors["embedding.weight"].shape[0]
+    if saved.get("pre_seq_len") not in (None, rows):
+        raise ValueError(f"{path}: pre_seq_len {saved['pre_seq_len']}, but the saved prefix has {rows} rows")
+    if "prefix_projection" in saved and bool(saved["prefix_projection"]) != ("trans.0.weight" in tensors):
+        has = "has" if "trans.0.weight" in tensors else "has no"
+        raise ValueError(f"{path}: prefix_projection {saved['prefix_projection']}, but the checkpoint {has} MLP")
+    if "num_layers" in saved:
+        heads = saved["num_attention_heads"]
+        kv_heads = saved["multi_query_group_num"] if saved.get("multi_query_attention") else heads
+        trained = PrefixShape(saved["num_layers"], kv_heads, saved["kv_channels"])
+        if trained != shape:
+            raise ValueError(
+                f"{path}: trained on {trained.num_layers} layers x {trained.num_kv_heads} key/value groups x "
+                f"{trained.head_dim} channels, but {base} has {shape.num_layers} x {shape.num_kv_heads} x "
+                f"{shape.head_dim}: another base model"
+            )
+
+
+def import_ptuning(
+    checkpoint: str | Path,
+    base: str | Path,
+    out_dir: str | Path,
+    max_source_length: int = 64,
+    max_target_length: int = 128,
+) -> Path:
+    """Turn an original P-tuning checkpoint into a ptune one; ``pre_seq_len`` and projection come from the shapes
+    (and must agree with the checkpoint's config.json when it has one)."""
+    path, tensors = read_original_prefix(checkpoint)
+    base = Path(base)
+    config = json.loads((base / "config.json").read_text(encoding="utf-8"))
+    native = glm_config(config) if is_original_chatglm2(base) else AutoConfig.from_pretrained(str(base))
+    shape = PrefixShape.from_config(native)
+    _check_saved_config(Path(checkpoint), tensors, shape, base)
+    length, width = tensors["embedding.weight"].shape
+    if width != shape.kv_size:
+        raise ValueError(
+            f"{path}: prefix rows are {width} wide but {base} needs {shape.kv_size} "
+            f"({shape.num_layers} layers x 2 x {shape.num_kv_heads} groups x {shape.head_dim}): another base model"
+        )
+    projection = "trans.0.weight" in tensors
+    hidden = tensors["trans.0.weight"].shape[0] if projection else 0
+    prefix = PrefixEncoder(shape, length, projection=projection, projection_hidden_size=hidden)
+    expected = {name: tuple(t.shape) for name, t in prefix.state_dict().items()}
+    found = {name: tuple(t.shape) for name, t in tensors.items()}
+    wrong = sorted(name for name in expected.keys() | found.keys() if found.get(name) != expected.get(name))
+    if wrong:
+        shapes = "; ".join(f"{name}: {found.get(name)} (expected {expected.get(name)})" for name in wrong)
+        raise ValueError(f"{path}: the prefix encoder does not fit a {length}-row prefix for {base}: {shapes}")
+    prefix.load_state_dict(tensors)
+    run_config = {
+        "model": {"path": str(base.resolve()), "dtype": "bfloat16", "prompt": {"kind": "chatglm2"}},
+        "prefix": {"length": length, "projection": projection, "projection_hidden_size": hidden or None},
+        "dataset": {"dir": None, "max_source_length": max_source_length, "max_target_length": max_target_length},
+        "imported_from": str(Path(checkpoint).resolve()),
+    }
+    out_dir = Path(out_dir)
+    quantization = stored_quantization(base) if is_original_chatglm2(base) else None
+    save_prefix_checkpoint(out_dir, prefix, checkpoint_metadata(prefix, base, run_config, quantization))
+    return out_dir

@@ -1,0 +1,374 @@
+"""The one generation path: prompts in, answers out, for the evaluator and every demo.
+
+One step-wise batched decoder (``BatchDecoder``) does all the decoding: the evaluator fills a batch and runs it
+to the end (``generate_ids``), the chat front ends run one row (``stream_answer``), the API server's scheduler
+lets rows join and leave between steps (``ptune.serve.scheduler``). Rows are left-padded and keep their own
+positions, so a row gets the same tokens batched as alone; the evaluator sorts rows by length so each batch
+carries little padding, results in input order. Greedy by default, so metrics are reproducible; a sampled row
+draws from its own generator seeded with its seed, so its answer does not depend on what it was batched with.
+
+Why our own loop rather than ``generate``: ``generate`` runs a fixed batch to its end (a row cannot join or
+leave), takes one set of sampling settings for the whole batch, and the prefix would be recomputed and copied in
+front of the cache on every step. The token choice itself uses transformers' logits processors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from transformers import (
+    DynamicCache,
+    LogitsProcessorList,
+    PreTrainedTokenizerBase,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from ptune.data.reading import Example
+from ptune.inference.loading import LoadedModel
+from ptune.model.prefix import PrefixTunedModel
+
+GENERATE_DEFAULT_TOP_K = 50  # what ``generate`` samples with when the model's generation config sets no top_k
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    max_new_tokens: int = 128
+    do_sample: bool = False  # greedy: the same answers (and metrics) on every run
+    top_p: float = 0.7  # with do_sample: the reference recipe's values
+    temperature: float = 0.95
+    seed: int = 42  # with do_sample: seeds the row's own random generator (its answer depends on it alone)
+
+
+def eos_ids(loaded: LoadedModel) -> list[int]:
+    """End-of-answer ids: the tokenizer's eos plus any the model's generation config adds. A missing or foreign eos
+    would make every answer run to max_new_tokens, so it is checked here rather than discovered in the metrics."""
+    tokenizer, config = loaded.tokenizer, loaded.model.config
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"{loaded.base_path}: the tokenizer has no eos token; set eos_token in tokenizer_config.json")
+    extra = getattr(getattr(loaded.model, "generation_config", None), "eos_token_id", None) or []
+    ids = list(dict.fromkeys([tokenizer.eos_token_id, *([extra] if isinstance(extra, int) else extra)]))
+    too_large = [i for i in ids if i >= config.vocab_size]
+    if too_large:
+        raise ValueError(f"{loaded.base_path}: eos id(s) {too_large} are outside the vocabulary ({config.vocab_size})")
+    return ids
+
+
+def encode_prompt(
+    loaded: LoadedModel, query: str, history: Sequence[tuple[str, str]] = (), truncate: bool = True
+) -> list[int]:
+    """Prompt ids as in training: the prompt format, special prefix tokens, truncated to max_source_length (at the
+    end, as the reference recipe does; ``fit_history`` keeps a conversation's newest turns instead)."""
+    text = loaded.prompt_format.build(query, history, loaded.tokenizer)
+    return loaded.tokenizer(
+        text,
+        add_special_tokens=not loaded.prompt_format.text_has_special_tokens,
+        truncation=truncate,
+        max_length=loaded.max_source_length if truncate else None,
+    )["input_ids"]
+
+
+def fit_history(
+    loaded: LoadedModel, query: str, history: Sequence[tuple[str, str]]
+) -> tuple[list[tuple[str, str]], int]:
+    """The newest turns of ``history`` that fit in max_source_length with ``query``, and how many of the oldest
+    were left out (the chat front ends say so). The query itself is never dropped; alone too long, it is cut as
+    in training."""
+    turns = list(history)
+    for dropped in range(len(turns)):
+        if len(encode_prompt(loaded, query, turns[dropped:], truncate=False)) <= loaded.max_source_length:
+            return turns[dropped:], dropped
+    return [], len(turns)
+
+
+def reference_label(tokenizer: PreTrainedTokenizerBase, response: str, max_target_length: int) -> str:
+    """The label text the reference recipe scores against: the answer tokenised (with special tokens, truncated to
+    max_target_length) and decoded without them."""
+    ids = tokenizer(response, truncation=True, max_length=max_target_length)["input_ids"]
+    return decode(tokenizer, ids)
+
+
+def decode(tokenizer: PreTrainedTokenizerBase, ids: Sequence[int]) -> str:
+    return tokenizer.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=True).strip()
+
+
+def _left_padded(rows: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return ids, mask
+
+
+def _token_chooser(settings: GenerationSettings, top_k: int | None) -> LogitsProcessorList | None:
+    """A sampled row's logits processors, as ``generate`` builds them (temperature, the model's top_k, top_p);
+    None for a greedy row."""
+    if not settings.do_sample:
+        return None
+    chain = LogitsProcessorList()
+    if settings.temperature != 1.0:
+        chain.append(TemperatureLogitsWarper(settings.temperature))
+    if top_k:
+        chain.append(TopKLogitsWarper(top_k))
+    if settings.top_p < 1.0:
+        chain.append(TopPLogitsWarper(settings.top_p))
+    return chain
+
+
+@dataclass(eq=False)
+class Row:
+    """One prompt being answered: its settings, the answer so far, and why it ended (None while it goes on)."""
+
+    prompt: list[int]
+    settings: GenerationSettings
+    chooser: LogitsProcessorList | None
+    generator: torch.Generator | None  # a sampled row's own random stream: its answer depends on its seed only
+    ids: list[int] = field(default_factory=list)
+    finish: str | None = None  # "stop" (an end token) or "length" (max_new_tokens reached)
+
+
+class BatchDecoder:
+    """Step-wise batched decoding with rows that join and leave between steps (continuous batching).
+
+    ``add`` encodes new prompts together (left-padded) and merges their KV cache into the running batch, ``step``
+    decodes one token for every row, ``remove`` takes rows out (finished, or their client gone). Each row keeps
+    its own positions (0 at its first real token), so a row's tokens are those it would get alone. With a prefix,
+    its keys/values are computed once (``PrefixTunedModel.inference_prefix``) and sit at the front of every row's
+    cache instead of being recomputed and concatenated at every step of every layer. Cache layout per row:
+    ``[prefix | left padding | prompt and answer so far]``; the attention mask marks the padding.
+
+    Not thread-safe: one thread owns a decoder (and the model) at a time."""
+
+    def __init__(self, loaded: LoadedModel) -> None:
+        self.loaded, self.model = loaded, loaded.model
+        self.stops = eos_ids(loaded)
+        self._stop_set = set(self.stops)
+        tokenizer = loaded.tokenizer
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stops[0]
+        self.device = next(self.model.parameters()).device
+        configured = getattr(getattr(getattr(self.model, "base", self.model), "generation_config", None), "top_k", None)
+        self.top_k = GENERATE_DEFAULT_TOP_K if configured is None else configured
+        self.rows: list[Row] = []
+        self._cache: DynamicCache | None = None
+        self._mask: torch.Tensor | None = None  # [rows, cache length]: 1 for the prefix and real tokens, 0 for padding
+        self._positions: torch.Tensor | None = None  # [rows]: the next token's position (its real tokens so far)
+        if isinstance(self.model, PrefixTunedModel):
+            # in the base's dtype once, not at every join
+            dtype = next(self.model.parameters()).dtype
+            self._prefix: torch.Tensor | None = self.model.inference_prefix().to(dtype)
+            self._forward_context = self.model.prefix_in_cache
+        else:
+            self._prefix, self._forward_context = None, contextlib.nullcontext
+
+    @property
+    def _prefix_length(self) -> int:
+        return 0 if self._prefix is None else self._prefix.shape[3]
+
+    @torch.inference_mode()
+    def add(self, prompts: Sequence[list[int]], settings: Sequence[GenerationSettings]) -> list[Row]:
+        """Encode ``prompts`` together and add them to the batch with their first answer token chosen."""
+        rows = []
+        for prompt, row_settings in zip(prompts, settings, strict=True):
+            sampled = row_settings.do_sample
+            generator = torch.Generator(self.device).manual_seed(row_settings.seed) if sampled else None
+            rows.append(Row(list(prompt), row_settings, _token_chooser(row_settings, self.top_k), generator))
+        ids, real = _left_padded([r.prompt for r in rows], self.pad_id)
+        cache = DynamicCache(config=self.model.config)
+        ones = torch.ones(len(rows), self._prefix_length, dtype=real.dtype)
+        if self._prefix is not None:
+            for layer, kv in enumerate(self._prefix):
+                keys, values = (part.unsqueeze(0).expand(len(rows), -1, -1, -1).contiguous() for part in kv)
+                cache.update(keys, values, layer)
+        mask = torch.cat([ones, real], dim=1).to(self.device)
+        # positions as ``generate`` gives them: counted over real tokens, padding at 0
+        positions = (real.cumsum(-1) - 1).masked_fill(real == 0, 0).to(self.device)
+        logits = self._forward(ids.to(self.device), mask, positions, cache)
+        self._merge(rows, cache, mask, positions[:, -1] + 1)
+        self._choose(rows, logits)
+        return rows
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        """One new token for every row (rows that have finished must be removed first)."""
+        if any(r.finish for r in self.rows):
+            raise ValueError("remove finished rows before the next step")
+        last = torch.tensor([[r.ids[-1]] for r in self.rows], device=self.device)
+        self._mask = torch.cat([self._mask, self._mask.new_ones(len(self.rows), 1)], dim=1)
+        logits = self._forward(last, self._mask, self._positions[:, None], self._cache)
+        self._positions = self._positions + 1
+        self._choose(self.rows, logits)
+
+    @torch.inference_mode()
+    def remove(self, rows: Sequence[Row]) -> None:
+        """Take ``rows`` out of the batch; padding no remaining row needs is cut from the cache."""
+        gone = {id(r) for r in rows}
+        keep = [k for k, r in enumerate(self.rows) if id(r) not in gone]
+        if len(keep) == len(self.rows):
+            return
+        self.rows = [self.rows[k] for k in keep]
+        if not keep:
+            self._cache = self._mask = self._positions = None
+            return
+        index = torch.tensor(keep, device=self.device)
+        self._mask, self._positions = self._mask[index], self._positions[index]
+        start = self._prefix_length
+        used = self._mask[:, start:].any(dim=0).nonzero()
+        cut = int(used[0]) if used.numel() else 0  # leading columns that are padding for every remaining row
+        width = self._mask.shape[1]
+        columns = torch.cat([torch.arange(start), torch.arange(start + cut, width)]).to(self.device)
+        self._mask = self._mask[:, columns]
+        for layer in self._cache.layers:
+            layer.keys, layer.values = layer.keys[index][:, :, columns], layer.values[index][:, :, columns]
+
+    def _forward(self, ids, mask, positions, cache) -> torch.Tensor:
+        with self._forward_context():
+            out = self.model(
+                input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, logits_to_keep=1
+            )
+        return out.logits[:, -1, :].to(dtype=torch.float32)
+
+    def _merge(self, rows: list[Row], cache: DynamicCache, mask: torch.Tensor, positions: torch.Tensor) -> None:
+        """Append freshly encoded rows to the batch, left-padding (after the prefix) whichever cache is shorter."""
+        if self._cache is None:
+            self.rows, self._cache, self._mask, self._positions = rows, cache, mask, positions
+            return
+        width = max(self._mask.shape[1], mask.shape[1])
+        old_pad, new_pad = width - self._mask.shape[1], width - mask.shape[1]
+        p = self._prefix_length
+        for old, new in zip(self._cache.layers, cache.layers, strict=True):
+            old.keys = torch.cat([_pad_after(old.keys, p, old_pad, 2), _pad_after(new.keys, p, new_pad, 2)])
+            old.values = torch.cat([_pad_after(old.values, p, old_pad, 2), _pad_after(new.values, p, new_pad, 2)])
+        self._mask = torch.cat([_pad_after(self._mask, p, old_pad, 1), _pad_after(mask, p, new_pad, 1)])
+        self._positions = torch.cat([self._positions, positions])
+        self.rows = self.rows + rows
+
+    def _choose(self, rows: list[Row], logits: torch.Tensor) -> None:
+        greedy = logits.argmax(dim=-1).tolist()
+        for k, row in enumerate(rows):
+            token = greedy[k]
+            if row.chooser is not None:
+                scores = row.chooser(None, logits[k : k + 1])
+                token = int(torch.multinomial(scores.softmax(dim=-1), 1, generator=row.generator))
+            if token in self._stop_set:
+                row.finish = "stop"
+                continue
+            row.ids.append(token)
+            if len(row.ids) >= row.settings.max_new_tokens:
+                row.finish = "length"
+
+
+def _pad_after(tensor: torch.Tensor, start: int, count: int, dim: int) -> torch.Tensor:
+    """``count`` zeros inserted at index ``start`` of ``dim`` (padding between the prefix and the real tokens)."""
+    if count == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = count
+    head, tail = tensor.narrow(dim, 0, start), tensor.narrow(dim, start, tensor.shape[dim] - start)
+    return torch.cat([head, tensor.new_zeros(shape), tail], dim=dim)
+
+
+def generate_ids(
+    loaded: LoadedModel,
+    prompts: Sequence[list[int]],
+    settings: GenerationSettings,
+    batch_size: int,
+    stop: threading.Event | None = None,
+) -> Iterator[tuple[int, list[int]]]:
+    """Yield ``(index, answer ids without eos)`` for each prompt as it finishes, a batch at a time, longest prompts
+    first. ``stop`` ends generation when set (the rows so far are yielded as they are)."""
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
+    decoder = BatchDecoder(loaded)
+    for start in range(0, len(order), batch_size):
+        batch = order[start : start + batch_size]
+        rows = decoder.add([prompts[i] for i in batch], [settings] * len(batch))
+        index = {id(row): i for row, i in zip(rows, batch, strict=True)}
+        while decoder.rows:
+            ended = [r for r in decoder.rows if r.finish or (stop is not None and stop.is_set())]
+            decoder.remove(ended)
+            for row in ended:
+                yield index[id(row)], row.ids
+            if decoder.rows:
+                decoder.step()
+
+
+def generate_answers(
+    loaded: LoadedModel, examples: Sequence[Example], settings: GenerationSettings, batch_size: int
+) -> list[str]:
+    """Decoded answers for ``examples``, in their order."""
+    prompts = [encode_prompt(loaded, ex.prompt, ex.history) for ex in examples]
+    answers = [""] * len(prompts)
+    for index, ids in generate_ids(loaded, prompts, settings, batch_size):
+        answers[index] = decode(loaded.tokenizer, ids)
+    return answers
+
+
+def stream_answer(
+    loaded: LoadedModel,
+    query: str,
+    history: Sequence[tuple[str, str]],
+    settings: GenerationSettings,
+    stop: threading.Event | None = None,
+    answer_ids: list[int] | None = None,
+) -> Iterator[str]:
+    """Yield the answer as it grows (the whole text so far), for chat front ends. Same path as the evaluator:
+    the same prompt ids and decoder, so the finished answer equals the evaluator's for the same settings.
+    ``answer_ids``, if given, receives the answer's token ids once it is complete (for exact token counts).
+
+    ``history`` should fit (``fit_history``): prompts are cut at the end, as in training. Generation runs in the
+    caller's thread, a token per iteration: closing the iterator early (a client gone) or
+    an exception in it (Ctrl-C) stops it at once, and ``stop`` ends it at the next token."""
+    decoder = BatchDecoder(loaded)
+    [row] = decoder.add([encode_prompt(loaded, query, history)], [settings])
+    text = TextSoFar(loaded.tokenizer, row.ids)
+    while True:
+        sent = text.shown
+        if text.update() != sent:
+            yield text.shown
+        if row.finish or (stop is not None and stop.is_set()):
+            break
+        decoder.step()
+    if answer_ids is not None:
+        answer_ids.extend(row.ids)
+    final = decode(loaded.tokenizer, row.ids)
+    if final != text.shown:  # a held-back incomplete character at the very end; the ids decide
+        yield final
+
+
+class TextSoFar:
+    """The text of a growing answer for streaming, at a cost per new token that does not grow with the answer.
+
+    Decoding all of an answer's ids at every step would cost O(length) a token (O(length^2) an answer). Instead
+    each update decodes a short window, the tokens since the last update plus those of the update before (their
+    context), with and without the new tokens, and appends the difference: a tokenizer that drops the space of a
+    window's first word piece drops it from both, so the difference is what the whole decode adds. While the
+    newest token ends in an incomplete character (a byte token that only the next one completes decodes to
+    U+FFFD) nothing is appended. ``shown`` is the text so far stripped as ``decode`` strips it, so it grows into
+    the final ``decode`` of the ids (a tokenizer whose clean-up joins across the window's edge may differ there;
+    the final answer always comes from the ids)."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> None:
+        self.tokenizer, self.ids = tokenizer, ids  # ``ids`` is the row's list, which grows as it decodes
+        self._text, self._start, self._read = "", 0, 0
+        self.shown = ""
+
+    def update(self) -> str:
+        if len(self.ids) > self._read:
+            before = self._decode(self.ids[self._start : self._read])
+            after = self._decode(self.ids[self._start :])
+            if not after.endswith("\ufffd"):
+                if after.startswith(before):
+                    self._text += after[len(before) :]
+                else:  # the new tokens changed the window's earlier text: decode it all this once
+                    self._text = self._decode(self.ids)
+                self._start, self._read = self._read, len(self.ids)
+                self.shown = self._text.strip()
+        return self.shown
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        if not ids:
+            return ""
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=True)

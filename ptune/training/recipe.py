@@ -1,0 +1,190 @@
+"""The training recipe, top to bottom: set up (data, base model, prefix, trainer), train, evaluate, save."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+from omegaconf import DictConfig, OmegaConf
+from transformers import PreTrainedTokenizerBase, Seq2SeqTrainingArguments, set_seed
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import get_last_checkpoint
+
+from ptune.checkpoints.config_checks import check_base_model, check_resume_settings, check_train_config
+from ptune.checkpoints.format import build_prefix, checkpoint_metadata, load_prefix_weights, read_metadata
+from ptune.data.features import make_collator, tokenize_file
+from ptune.data.packing import PackingCollator
+from ptune.data.prompts import PromptFormat
+from ptune.data.reading import read_examples
+from ptune.model.base import load_base_model, load_tokenizer
+from ptune.model.prefix import PrefixShape, PrefixTunedModel
+from ptune.quantization.layers import model_quantization
+from ptune.training.guards import LossGuard
+from ptune.training.objective import check_objective, final_objective
+from ptune.training.trainer import PrefixTrainer
+from ptune.utils.memory import ReleaseFreeMemory
+
+logger = logging.getLogger(__name__)
+
+
+def load_split(
+    dataset_cfg: DictConfig, split_file: str, tokenizer: PreTrainedTokenizerBase, prompt_format: PromptFormat
+) -> datasets.Dataset:
+    """Read one split (``dataset.train_file`` or ``dataset.validation_file``) and tokenise it (cached)."""
+    path = Path(dataset_cfg.dir).expanduser() / split_file
+    read = read_examples(
+        path,
+        prompt_column=dataset_cfg.prompt_column,
+        response_column=dataset_cfg.response_column,
+        history_column=dataset_cfg.history_column,
+        encoding=dataset_cfg.encoding,
+    )
+    logger.info("%s: %d rows (%d skipped: empty prompt or answer)", path, len(read.examples), read.skipped_empty)
+    return tokenize_file(
+        path,
+        read.examples,
+        tokenizer,
+        prompt_format,
+        dataset_cfg.max_source_length,
+        dataset_cfg.max_target_length,
+        dataset_cfg.cache_dir,
+    )
+
+
+def _first(dataset: datasets.Dataset, limit: int | None) -> datasets.Dataset:
+    return dataset.select(range(min(limit, len(dataset)))) if limit else dataset
+
+
+def resolve_resume(resume: str | None, output_dir: str) -> str | None:
+    """``resume=auto``: the newest ``checkpoint-N`` in this run's directory (a fresh start if there is none);
+    ``resume=PATH``: that checkpoint folder, or the newest checkpoint of that run folder."""
+    if resume in (None, "", False):
+        return None
+    folder = Path(output_dir if resume == "auto" else resume).expanduser()
+    if resume != "auto" and not folder.is_dir():
+        raise FileNotFoundError(f"resume={resume}: no such folder")
+    if folder.name.startswith("checkpoint-"):
+        return str(folder)
+    last = get_last_checkpoint(str(folder)) if folder.is_dir() else None  # auto: the run folder may not exist yet
+    if last is None and resume != "auto":
+        raise FileNotFoundError(f"resume={resume}: no checkpoint-N folder in it")
+    if last is None:
+        logger.info("resume=auto: no checkpoint in %s, starting fresh", folder)
+    return last
+
+
+def training_arguments(cfg: DictConfig, output_dir: str) -> Seq2SeqTrainingArguments:
+    """The ``trainer`` config group passes straight to ``Seq2SeqTrainingArguments``; these few are fixed."""
+    options: dict[str, Any] = OmegaConf.to_container(cfg.trainer, resolve=True)
+    if not (torch.cuda.is_available() or torch.backends.mps.is_available()):
+        # CPU only: says so to accelerate, which otherwise runs torchrun ranks as independent jobs (no gloo DDP)
+        options.setdefault("use_cpu", True)
+        options.setdefault("dataloader_pin_memory", False)
+        if options.get("fsdp"):
+            logger.warning("trainer.fsdp: accelerate shards only on GPU ranks; on CPU this runs as plain DDP")
+    if options.get("eval_steps") is None:
+        options["eval_steps"] = options["save_steps"]
+    return Seq2SeqTrainingArguments(
+        output_dir=output_dir,
+        seed=cfg.seed,
+        eval_strategy="steps",
+        eval_on_start=True,  # the untrained prefix's eval loss, as the first point of the curve
+        save_strategy="steps",
+        label_names=["labels"],  # the wrapper's forward(**kwargs) hides them from the trainer's inspection
+        remove_unused_columns=False,  # the model's forward takes **kwargs; keep input_ids/labels as they are
+        predict_with_generate=False,  # eval loss only; generation metrics are evaluate.py's job
+        **options,
+    )
+
+
+def make_training_collator(dataset_cfg: DictConfig, tokenizer: PreTrainedTokenizerBase):
+    """Packed rows (``dataset.pack_length``) or rows padded to the longest of the micro-batch."""
+    if dataset_cfg.get("pack_length"):
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        return PackingCollator(dataset_cfg.pack_length, pad)
+    return make_collator(tokenizer, dataset_cfg.pad_to_multiple_of)
+
+
+def build_trainer(cfg: DictConfig, output_dir: str) -> PrefixTrainer:
+    """Everything before the first step: data, frozen base, fresh prefix, and the trainer around them."""
+    if cfg.torch_threads:
+        torch.set_num_threads(cfg.torch_threads)
+    set_seed(cfg.seed)
+    tokenizer = load_tokenizer(cfg.model.path)
+    prompt_format = PromptFormat.from_config(cfg.model.prompt)
+    train_set = load_split(cfg.dataset, cfg.dataset.train_file, tokenizer, prompt_format)
+    eval_set = load_split(cfg.dataset, cfg.dataset.validation_file, tokenizer, prompt_format)
+    base = load_base_model(cfg.model.path, cfg.model.dtype, cfg.model.quantization)
+    prefix = build_prefix(PrefixShape.from_config(base.config), cfg.prefix, base.config.hidden_size)
+    if cfg.init_from:  # a fresh schedule from another run's prefix (train() has checked it fits the base)
+        load_prefix_weights(cfg.init_from, prefix)
+        logger.info("prefix weights from %s", cfg.init_from)
+    model = PrefixTunedModel(base, prefix, logits_multiple_of=cfg.dataset.pad_to_multiple_of or 1)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    logger.info("base %s frozen; prefix: %s trainable parameters", cfg.model.path, f"{trainable:,}")
+    trainer = PrefixTrainer(
+        model=model,
+        args=training_arguments(cfg, output_dir),
+        train_dataset=_first(train_set, cfg.max_train_samples),
+        eval_dataset=_first(eval_set, cfg.max_eval_samples),
+        data_collator=make_training_collator(cfg.dataset, tokenizer),
+        processing_class=tokenizer,
+        checkpoint_metadata=checkpoint_metadata(
+            prefix, cfg.model.path, OmegaConf.to_container(cfg, resolve=True), model_quantization(base)
+        ),
+    )
+    trainer.add_callback(LossGuard(model))  # a NaN/inf loss stops the run before anything of it is saved
+    if trainer.args.device.type == "cpu":  # tensors on the C heap: each step's freed memory back to the OS
+        trainer.add_callback(ReleaseFreeMemory)
+    return trainer
+
+
+def check_checkpoints(cfg: DictConfig, resume: str | None) -> None:
+    """Before anything is loaded: the checkpoints a run starts from fit this base model, and one it resumes these
+    settings (``ptune.checkpoints.config_checks``)."""
+    if cfg.init_from:
+        check_base_model(cfg.init_from, read_metadata(cfg.init_from), cfg.model.path, cfg.allow_base_mismatch)
+    if resume:
+        meta = read_metadata(resume)
+        check_base_model(resume, meta, cfg.model.path, cfg.allow_base_mismatch)
+        check_resume_settings(resume, meta, cfg)
+        logger.info("resuming from %s", resume)
+
+
+def evaluated_at_resume(checkpoint: str) -> bool:
+    """Whether the checkpoint's log history already has the eval loss of its step (then eval_on_start would add it
+    a second time to trainer_state.json)."""
+    state = json.loads((Path(checkpoint) / TRAINER_STATE_NAME).read_text(encoding="utf-8"))
+    return any("eval_loss" in entry and entry["step"] == state["global_step"] for entry in state["log_history"])
+
+
+def train(cfg: DictConfig, output_dir: str) -> float:
+    """Train a prefix as ``cfg`` says, writing into ``output_dir``; return ``cfg.objective`` (the final eval loss
+    by default; see ptune/training/objective.py)."""
+    check_train_config(cfg)
+    check_objective(cfg)
+    checkpoint = resolve_resume(cfg.resume, output_dir)
+    check_checkpoints(cfg, checkpoint)
+    trainer = build_trainer(cfg, output_dir)
+    if checkpoint and evaluated_at_resume(checkpoint):
+        trainer.args.eval_on_start = False
+    trainer.train(resume_from_checkpoint=checkpoint)
+    evals = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
+    final_step_evaluated = evals and evals[-1]["step"] == trainer.state.global_step
+    metrics = evals[-1] if final_step_evaluated else trainer.evaluate()
+    trainer.save_state()  # trainer_state.json in the run folder: the whole log history, first eval to last
+    if torch.distributed.is_initialized():  # leave together: a rank exiting early breaks the others' connections
+        trainer.accelerator.wait_for_everyone()
+        # Free DDP's reducer now, while its gloo group is alive on every rank: freed only after
+        # destroy_process_group (when train() returns), the group's destructor could wait forever on a worker
+        # thread (seen once in a 2-rank test run). The unwrapped model stays for the objective below.
+        trainer.model_wrapped = trainer.model
+        trainer.accelerator.free_memory()
+        trainer.accelerator.wait_for_everyone()
+        torch.distributed.destroy_process_group()
+    logger.info("final eval loss %.4f; checkpoints in %s", metrics["eval_loss"], output_dir)
+    return final_objective(cfg, trainer, float(metrics["eval_loss"]))

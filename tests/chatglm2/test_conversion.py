@@ -316,46 +316,6 @@ def test_cli_help_and_a_bad_checkpoint(tmp_path):
     assert cli(["import-ptuning", str(tmp_path), "--base", str(tmp_path)]) == 1
 
 
-def _ptune_imports() -> dict[str, set[str]]:
-    """Every ``ptune.*`` module each ptune module imports, at the top or inside a function (``from ptune.pkg import
-    module`` counts as importing that module)."""
-    import ast
-
-    root = REPO / "ptune"
-    modules = {}
-    for path in root.rglob("*.py"):
-        parts = path.relative_to(root).with_suffix("").parts
-        modules[".".join(("ptune", *parts[: -1 if parts[-1] == "__init__" else None]))] = path
-    graph = {}
-    for name, path in modules.items():
-        deps = set()
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("ptune"):
-                for alias in node.names:
-                    sub = f"{node.module}.{alias.name}"
-                    deps.add(sub if sub in modules else node.module)
-            elif isinstance(node, ast.Import):
-                deps |= {alias.name for alias in node.names if alias.name.startswith("ptune.")}
-        graph[name] = deps - {name}
-    return graph
-
-
-def test_no_import_circles_between_ptune_modules():
-    graph = _ptune_imports()
-    assert {"ptune.chatglm2.conversion", "ptune.checkpoints.format", "ptune.model.base"} <= set(graph)
-    circles = []
-    for start in sorted(graph):
-        stack = [[start]]
-        while stack:
-            path = stack.pop()
-            for dep in sorted(graph.get(path[-1], ())):
-                if dep == start:
-                    circles.append(" -> ".join([*path, dep]))
-                elif dep not in path:
-                    stack.append([*path, dep])
-    assert circles == []
-
-
 def test_a_shard_cut_by_a_few_bytes_or_damaged_inside_is_named(original, tmp_path, capsys):
     folder, _, _ = original
     broken = shutil.copytree(folder, tmp_path / "broken")

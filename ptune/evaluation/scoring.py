@@ -290,7 +290,7 @@ def usable_checkpoints(checkpoints: list[Path]) -> list[Path]:
 def evaluate_target(cfg: DictConfig) -> list[dict[str, Any]]:
     """Evaluate everything under ``cfg.checkpoint``; returns one row per checkpoint (and writes the report)."""
     target = Path(cfg.checkpoint).expanduser()
-    checkpoints = find_checkpoints(target)
+    found = find_checkpoints(target)
     options = EvalOptions(
         batch_size=cfg.batch_size,
         settings_overrides={k: v for k, v in OmegaConf.to_container(cfg.generation).items() if v is not None},
@@ -299,7 +299,7 @@ def evaluate_target(cfg: DictConfig) -> list[dict[str, Any]]:
         metric_processes=cfg.metric_processes,
         force=cfg.force,
     )
-    checkpoints = usable_checkpoints(checkpoints)
+    checkpoints = usable_checkpoints(found)
     objectives = {read_metadata(checkpoint)["config"].get("objective") for checkpoint in checkpoints}
     out_root = Path(cfg.output_dir).expanduser() if cfg.output_dir else None
     rows, loaded, loaded_key = [], None, None
@@ -332,7 +332,7 @@ def evaluate_target(cfg: DictConfig) -> list[dict[str, Any]]:
             }
         )
         logger.info("%s: %s", checkpoint, {name: metrics[name] for name in METRIC_NAMES})
-    if len(checkpoints) > 1:
+    if len(found) > 1 and rows:  # a run or sweep gets its table, also when a broken checkpoint was skipped
         (objective,) = objectives if len(objectives) == 1 else (None,)
         write_report(rows, out_root or target, rank_by=objective if objective in METRIC_NAMES else "rouge-l")
     return rows

@@ -163,6 +163,19 @@ def test_the_prompt_limit_is_the_checkpoints_length_within_the_models_positions(
     assert bare.max_source_length == 512
 
 
+def typed(lines: list[str]):
+    """``chat``'s ``read``: the lines in order, then end of input (Ctrl-D)."""
+    queue = iter(lines)
+
+    def read(_prompt: str) -> str:
+        try:
+            return next(queue)
+        except StopIteration:
+            raise EOFError from None
+
+    return read
+
+
 def test_a_long_conversation_drops_its_oldest_turns_keeps_the_newest_and_says_so(checkpoint):
     loaded = load_model(compose_frontend_config([f"checkpoint={checkpoint}"]))
     history = [(f"第{k}轮", "好" * 6) for k in range(12)]
@@ -174,16 +187,8 @@ def test_a_long_conversation_drops_its_oldest_turns_keeps_the_newest_and_says_so
     assert len(prompt) <= loaded.max_source_length and Q2 in decode(loaded.tokenizer, prompt)
     assert len(encode_prompt(loaded, Q2, history[dropped - 1 :], truncate=False)) > loaded.max_source_length
 
-    questions = iter([Q1, Q1, Q1])
     written: list[str] = []
-
-    def read_or_end(_prompt: str) -> str:
-        try:
-            return next(questions)
-        except StopIteration:
-            raise EOFError from None
-
-    chat(loaded, GenerationSettings(max_new_tokens=48), read=read_or_end, write=written.append)
+    chat(loaded, GenerationSettings(max_new_tokens=48), read=typed([Q1, Q1, Q1]), write=written.append)
     assert "history are left out" in "".join(written) and "max_source_length" in "".join(written)
 
 
@@ -195,15 +200,7 @@ def test_a_message_longer_than_the_prompt_is_cut_and_the_chat_says_so(checkpoint
     assert kept == [] and "history is left out and your message is longer than the prompt's 24 tokens" in note
     assert fit_prompt(loaded, "短", []) == ([], "")  # nothing to say
     written: list[str] = []
-    questions = iter([long_query])
-
-    def read_or_end(_prompt: str) -> str:
-        try:
-            return next(questions)
-        except StopIteration:
-            raise EOFError from None
-
-    chat(loaded, GenerationSettings(max_new_tokens=4), read=read_or_end, write=written.append)
+    chat(loaded, GenerationSettings(max_new_tokens=4), read=typed([long_query]), write=written.append)
     assert "your message is longer than the prompt's 24 tokens (max_source_length): its end is cut" in "".join(written)
 
 

@@ -27,6 +27,7 @@ from transformers import GenerationConfig, GlmConfig, GlmForCausalLM
 
 from ptune.chatglm2.files import check_files, read_config, shard_files, stored_quantization
 from ptune.quantization.layers import BITS, quantize_model, quantize_rows, with_empty_quantized_linears
+from ptune.utils.durable import fsync_tree, user_file_mode
 
 logger = logging.getLogger(__name__)
 
@@ -200,6 +201,15 @@ def load_chatglm2(folder: str | Path, dtype: torch.dtype, quantization: str | No
     return model.eval()
 
 
+def _publish_modes(folder: Path) -> None:
+    """Give every file the mode the umask gives a new file: safetensors' ``save_file`` creates its files 0600, which
+    would make a shared ``/models`` folder unreadable to everyone else."""
+    mode = user_file_mode()
+    for path in folder.rglob("*"):
+        if path.is_file():
+            os.chmod(path, mode)
+
+
 def convert_folder(src: str | Path, dst: str | Path) -> None:
     """Write a native GLM folder (safetensors shards, index, config, tokenizer) from an original ChatGLM2 one.
 
@@ -232,6 +242,8 @@ def convert_folder(src: str | Path, dst: str | Path) -> None:
         config.save_pretrained(staging)
         GenerationConfig(eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id).save_pretrained(staging)
         save_chatglm2_tokenizer(src / "tokenizer.model", staging)
+        _publish_modes(staging)
+        fsync_tree(staging)  # complete on disk before it gets its final name
         if dst.exists():
             dst.rmdir()  # empty, checked above
         os.replace(staging, dst)

@@ -3,6 +3,9 @@
 Layout of one training row (reference ``preprocess_function_train``):
     input_ids = prompt ids (with the tokenizer's special prefix, e.g. ``[gMASK] sop``, truncated to
                 max_source_length) + answer ids (no special tokens, truncated to max_target_length) + eos
+A row with a history that does not fit leaves out its oldest turns first, as the chat front ends do (the reference
+cuts every prompt at the end, which for a conversation cuts the question first); only a prompt still too long
+without any earlier turn is cut at the end.
     labels    = -100 over the prompt, then the answer ids + eos
 Padding is left to the collator (dynamic, to the longest row of a batch), not to a fixed length.
 
@@ -26,14 +29,14 @@ from pathlib import Path
 import datasets
 from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase
 
-from ptune.data.prompts import PromptFormat
+from ptune.data.prompts import PromptFormat, newest_turns_that_fit
 from ptune.data.reading import Example
 
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 # Bump when the layout above (or the cache folder's content) changes, so stale caches are not reused.
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 STATS_FILE = "ptune_stats.json"  # TokenStats of the cached rows, next to the dataset files
 WARN_SHARE = 0.01  # warn when more than 1% of the tokens are <unk> or of the rows were cut
 
@@ -50,6 +53,8 @@ class TokenStats:
     prompts_truncated: int
     answers_truncated: int
     labelled_tokens: int  # label positions that are not -100, over all rows
+    history_rows_shortened: int = 0  # rows with a history whose oldest turns were left out to fit max_source_length
+    history_turns_dropped: int = 0  # the turns left out, over all rows
 
 
 def _truncated(encoding, max_length: int, tokenizer, texts: list[str], add_special_tokens: bool) -> list[bool]:
@@ -74,9 +79,12 @@ def _encode(
             f"dataset.max_target_length={max_target_length}: no answer token would be kept, so there is nothing to "
             "learn but eos; set it to at least 1 (the reference recipe uses 128)"
         )
-    prompts = [prompt_format.build(ex.prompt, ex.history, tokenizer) for ex in examples]
-    answers = [ex.response for ex in examples]
     special = not prompt_format.text_has_special_tokens
+    histories = [_fitting_history(ex, tokenizer, prompt_format, max_source_length, special) for ex in examples]
+    prompts = [
+        prompt_format.build(ex.prompt, turns, tokenizer) for ex, (turns, _) in zip(examples, histories, strict=True)
+    ]
+    answers = [ex.response for ex in examples]
     prompt_enc = tokenizer(prompts, add_special_tokens=special, truncation=True, max_length=max_source_length)
     answer_enc = tokenizer(answers, add_special_tokens=False, truncation=True, max_length=max_target_length)
     prompt_ids, answer_ids = prompt_enc["input_ids"], answer_enc["input_ids"]
@@ -95,8 +103,25 @@ def _encode(
         prompts_truncated=sum(_truncated(prompt_enc, max_source_length, tokenizer, prompts, special)),
         answers_truncated=sum(_truncated(answer_enc, max_target_length, tokenizer, answers, False)),
         labelled_tokens=sum(len(labels) - labels.count(IGNORE_INDEX) for labels in features["labels"]),
+        history_rows_shortened=sum(1 for _, dropped in histories if dropped),
+        history_turns_dropped=sum(dropped for _, dropped in histories),
     )
     return features, stats
+
+
+def _fitting_history(
+    example: Example, tokenizer: PreTrainedTokenizerBase, prompt_format: PromptFormat, limit: int, special: bool
+) -> tuple[list[tuple[str, str]], int]:
+    """The newest turns of the row's history that fit in ``limit`` tokens with its question, and how many were left
+    out (``newest_turns_that_fit``; a row without a history is not tokenised here)."""
+    if not example.history:
+        return [], 0
+
+    def length(turns) -> int:
+        text = prompt_format.build(example.prompt, turns, tokenizer)
+        return len(tokenizer(text, add_special_tokens=special)["input_ids"])
+
+    return newest_turns_that_fit(length, example.history, limit)
 
 
 def encode_examples(
@@ -122,6 +147,16 @@ def check_split(path: str | os.PathLike, stats: TokenStats, limits: tuple[int, i
         "prompts cut": (stats.prompts_truncated, stats.rows, "rows", f"at dataset.max_source_length={limits[0]}"),
         "answers cut": (stats.answers_truncated, stats.rows, "rows", f"at dataset.max_target_length={limits[1]}"),
     }
+    if stats.history_rows_shortened:
+        logger.info(
+            "%s: %d of %d rows left out their oldest turns (%d turns in all) to fit dataset.max_source_length=%d; "
+            "the question and the newest turns are kept",
+            path,
+            stats.history_rows_shortened,
+            stats.rows,
+            stats.history_turns_dropped,
+            limits[0],
+        )
     logger.info(
         "tokenised %s: %d rows; %s",
         path,

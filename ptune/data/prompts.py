@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
@@ -61,3 +61,18 @@ class PromptFormat:
         rounds = [self.turn.format(index=i, query=q, response=r) for i, (q, r) in enumerate(history, start=1)]
         rounds.append(self.query.format(index=len(history) + 1, query=query))
         return "".join(rounds)
+
+
+def newest_turns_that_fit(
+    length: Callable[[Sequence[tuple[str, str]]], int], history: Sequence[tuple[str, str]], limit: int
+) -> tuple[list[tuple[str, str]], int]:
+    """The newest turns of ``history`` whose prompt (``length(turns)`` tokens, the query included) fits in
+    ``limit``, and how many of the oldest were left out; all of them when even the query alone does not fit.
+
+    One rule for training rows and the chat front ends: a conversation keeps its newest turns and the question,
+    which a cut at the end of the prompt (the reference's rule for a single prompt) would lose first."""
+    turns = list(history)
+    for dropped in range(len(turns)):
+        if length(turns[dropped:]) <= limit:
+            return turns[dropped:], dropped
+    return [], len(turns)

@@ -6,6 +6,7 @@ line (or list item) and the key involved, and says how to fix it.
 
 from __future__ import annotations
 
+import codecs
 import json
 import logging
 import os
@@ -157,11 +158,36 @@ def _read_text(path: str | os.PathLike, encoding: str) -> str:
     except UnicodeDecodeError as e:
         line = raw.count(b"\n", 0, e.start) + 1
         raise DataError(
-            f"{path}:{line}: the file is not valid {encoding} (byte offset {e.start}: {e.reason}). Convert "
-            f"it, e.g. `iconv -f gbk -t utf-8 {p.name} > {p.stem}.utf8{p.suffix}`, or set the file's "
-            f"encoding with dataset.encoding=gbk."
+            f"{path}:{line}: the file is not valid {encoding} (dataset.encoding={encoding}; byte offset {e.start}: "
+            f"{e.reason}). {_encoding_hint(raw, encoding, p)} dataset.encoding applies to the train and the "
+            f"validation file alike: files in different encodings need one of them converted."
         ) from None
     return text[1:] if text.startswith("\ufeff") else text  # drop a byte-order mark
+
+
+# Encodings that AdvertiseGen-style files come in, tried in this order when the configured one fails (gbk before
+# its superset gb18030, so the common name is suggested when it is enough).
+LIKELY_ENCODINGS = ("utf-8", "gbk", "gb18030")
+
+
+def _encoding_hint(raw: bytes, used: str, path: Path) -> str:
+    """What to do about a file that is not valid ``used``: the first likely encoding that decodes it whole, or how
+    to find out."""
+    for candidate in LIKELY_ENCODINGS:
+        if codecs.lookup(candidate).name == codecs.lookup(used).name:
+            continue
+        try:
+            raw.decode(candidate)
+        except UnicodeDecodeError:
+            continue
+        return (
+            f"It decodes as {candidate}: set dataset.encoding={candidate}, or convert it, e.g. "
+            f"`iconv -f {candidate} -t {used} {path.name} > {path.stem}.{used}{path.suffix}`."
+        )
+    return (
+        f"It is not {' or '.join(c for c in LIKELY_ENCODINGS if codecs.lookup(c).name != codecs.lookup(used).name)} "
+        f"either: find its encoding (e.g. `file -i {path.name}`) and set dataset.encoding to it."
+    )
 
 
 def _iter_lines(path: str | os.PathLike, text: str):

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import sys
 
-from ptune.frontends.common import describe, dropped_note, generation_settings
+from ptune.frontends.common import describe, fit_prompt, generation_settings
 from ptune.frontends.start import frontend_setup
-from ptune.inference.generation import fit_history, stream_answer
+from ptune.inference.generation import stream_answer
 
 PROMPT = "You: "
 REPLY = "Model: "
@@ -41,9 +41,9 @@ def chat(loaded, settings, read=input, write=sys.stdout.write) -> None:
             continue
         if not query:
             continue
-        kept, dropped = fit_history(loaded, query, history)
-        if dropped:
-            write(f"{dropped_note(dropped, loaded.max_source_length)}\n")
+        kept, note = fit_prompt(loaded, query, history)
+        if note:
+            write(f"{note}\n")
         write(REPLY)
         shown = ""
         try:

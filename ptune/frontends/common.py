@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -10,7 +11,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
 from ptune.checkpoints.config_checks import check_frontend_config
-from ptune.inference.generation import GenerationSettings
+from ptune.inference.generation import GenerationSettings, fit_history, query_is_cut
 from ptune.inference.loading import LoadedModel, load_base, load_checkpoint
 from ptune.utils.paths import REPO_ROOT
 
@@ -51,11 +52,24 @@ def prompt_limit(wanted: int | None, loaded: LoadedModel) -> int:
     return min(chosen)
 
 
-def dropped_note(dropped: int, limit: int) -> str:
-    """What the chat front ends tell the user when ``fit_history`` left turns out."""
-    return (
-        f"(the oldest {dropped} turn(s) of the history are left out: the prompt holds at most {limit} tokens, "
-        "max_source_length; 'clear' starts afresh)"
+def fit_prompt(
+    loaded: LoadedModel, query: str, history: Sequence[tuple[str, str]]
+) -> tuple[list[tuple[str, str]], str]:
+    """The turns of ``history`` that fit with ``query`` (``fit_history``) and what to tell the user about what was
+    left out or cut ("" when nothing was)."""
+    kept, dropped = fit_history(loaded, query, history)
+    limit = loaded.max_source_length
+    if kept or not query_is_cut(loaded, query):
+        if not dropped:
+            return kept, ""
+        return kept, (
+            f"(the oldest {dropped} turn(s) of the history are left out: the prompt holds at most {limit} tokens, "
+            "max_source_length; 'clear' starts afresh)"
+        )
+    left_out = "the history is left out and " if dropped else ""
+    return kept, (
+        f"({left_out}your message is longer than the prompt's {limit} tokens (max_source_length): its end is cut, "
+        "as in training)"
     )
 
 

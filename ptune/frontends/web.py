@@ -24,9 +24,9 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from
 import gradio as gr  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from ptune.frontends.common import describe, dropped_note, generation_settings  # noqa: E402
+from ptune.frontends.common import describe, fit_prompt, generation_settings  # noqa: E402
 from ptune.frontends.start import LOOPBACK, configured_api_key, frontend_setup  # noqa: E402
-from ptune.inference.generation import fit_history, stream_answer  # noqa: E402
+from ptune.inference.generation import stream_answer  # noqa: E402
 from ptune.inference.loading import LoadedModel  # noqa: E402
 
 DEFAULT_PORT = 7860
@@ -95,9 +95,9 @@ def build_demo(cfg: DictConfig, loaded: LoadedModel) -> gr.Blocks:
             return
         settings = generation_settings(cfg, max_new_tokens=int(max_new_tokens), top_p=top_p, temperature=temperature)
         stop = threading.Event()  # set when Gradio closes this generator (the page went away, Clear pressed)
-        kept, dropped = fit_history(loaded, query, pairs)
-        if dropped:
-            gr.Info(dropped_note(dropped, loaded.max_source_length))
+        kept, note = fit_prompt(loaded, query, pairs)
+        if note:
+            gr.Info(note)
         try:
             yield to_messages([*pairs, (query, "")]), "", busy
             for answer in stream_answer(loaded, query, kept, settings, stop):

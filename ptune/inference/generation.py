@@ -29,6 +29,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
+from ptune.data.prompts import newest_turns_that_fit
 from ptune.data.reading import Example
 from ptune.inference.loading import LoadedModel
 from ptune.model.prefix import PrefixTunedModel
@@ -79,11 +80,14 @@ def fit_history(
     """The newest turns of ``history`` that fit in max_source_length with ``query``, and how many of the oldest
     were left out (the chat front ends say so). The query itself is never dropped; alone too long, it is cut as
     in training."""
-    turns = list(history)
-    for dropped in range(len(turns)):
-        if len(encode_prompt(loaded, query, turns[dropped:], truncate=False)) <= loaded.max_source_length:
-            return turns[dropped:], dropped
-    return [], len(turns)
+    return newest_turns_that_fit(
+        lambda turns: len(encode_prompt(loaded, query, turns, truncate=False)), history, loaded.max_source_length
+    )
+
+
+def query_is_cut(loaded: LoadedModel, query: str) -> bool:
+    """Whether ``query`` alone is longer than max_source_length, so that its end is cut (the chat front ends say so)."""
+    return len(encode_prompt(loaded, query, truncate=False)) > loaded.max_source_length
 
 
 def reference_label(tokenizer: PreTrainedTokenizerBase, response: str, max_target_length: int) -> str:

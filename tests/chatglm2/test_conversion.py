@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import re
 import shutil
 import subprocess
@@ -255,6 +256,17 @@ def test_convert_command_writes_a_native_folder(original, tmp_path):
     assert torch.allclose(native, original_forward(weights, config, ids), atol=2e-4, rtol=1e-4)
     text = "[Round 1]\n\n问：类型#裙\n\n答："
     assert load_tokenizer(out)(text)["input_ids"] == load_tokenizer(folder)(text)["input_ids"]
+
+
+def test_converted_files_get_the_mode_the_umask_gives(original, tmp_path):
+    folder, _, _ = original
+    previous = os.umask(0o022)
+    try:
+        assert cli(["convert", str(folder), str(tmp_path / "native")]) == 0
+    finally:
+        os.umask(previous)
+    modes = {path.name: path.stat().st_mode & 0o777 for path in (tmp_path / "native").iterdir()}
+    assert len(modes) > 3 and set(modes.values()) == {0o644}, modes  # shards too, not 0600
 
 
 def test_train_and_evaluate_on_the_original_folder(original, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import pytest
@@ -72,6 +73,23 @@ def test_multi_turn_history_is_in_the_prompt_not_the_labels(tokenizer):
     text = tokenizer.decode(out["input_ids"][0], skip_special_tokens=True)
     assert text == "[Round 1]\n\n问：写文案\n\n答：很长的文案\n\n[Round 2]\n\n问：短一点\n\n答：好"
     assert [t for t in out["labels"][0] if t != IGNORE_INDEX] == ids(tokenizer, "好") + [2]
+
+
+def test_a_long_history_loses_its_oldest_turns_not_the_question(tokenizer, tmp_path, caplog):
+    history = tuple((f"问题{k}", "好" * 8) for k in range(6))
+    rows = [Example("新的问题", "答", history), Example("单独", "答")]
+    out, stats = features._encode(rows, tokenizer, PromptFormat(), 100, 16)
+    text = tokenizer.decode(out["input_ids"][0], skip_special_tokens=True)
+    assert "问：新的问题\n\n答：答" in text  # the question and its answer are there (a cut at the end lost them)
+    assert "问题5" in text and "问题0" not in text  # newest turns kept, oldest left out
+    prompt_length = out["labels"][0].count(IGNORE_INDEX)
+    assert prompt_length <= 100
+    assert stats.history_rows_shortened == 1 and 0 < stats.history_turns_dropped < 6 and stats.prompts_truncated == 0
+    one_more = PromptFormat().build("新的问题", history[stats.history_turns_dropped - 1 :], tokenizer)
+    assert len(tokenizer(one_more)["input_ids"]) > 100  # it kept as many turns as fit
+    with caplog.at_level(logging.INFO, logger="ptune"):
+        features.check_split("train.json", stats, (100, 16))
+    assert "1 of 2 rows left out their oldest turns" in caplog.text
 
 
 def test_collator_pads_dynamically_on_the_right(tokenizer):

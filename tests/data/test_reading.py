@@ -204,6 +204,22 @@ def test_not_utf8(tmp_path):
     assert "dataset.encoding=gbk" in msg
 
 
+def test_the_encoding_hint_names_the_encoding_used_and_one_that_decodes_the_file(tmp_path):
+    f = write(tmp_path / "utf8.json", jsonl({"prompt": "类型#裙*颜色#红色", "response": "这条红色裙子很好看"}))
+    msg = error(f, encoding="gbk")
+    assert "not valid gbk (dataset.encoding=gbk;" in msg
+    assert "It decodes as utf-8: set dataset.encoding=utf-8" in msg
+    assert "set dataset.encoding=gbk" not in msg  # the setting already in force is no advice
+    assert "train and the validation file alike" in msg
+
+
+def test_the_encoding_hint_when_no_likely_encoding_decodes_the_file(tmp_path):
+    f = tmp_path / "binary.json"
+    f.write_bytes(b'{"prompt": "\x80\x80", "response": "r"}\n')
+    msg = error(f)
+    assert "It is not gbk or gb18030 either" in msg and "set dataset.encoding to it" in msg
+
+
 def test_unknown_encoding(tmp_path):
     f = write(tmp_path / "a.json", jsonl({"prompt": "p", "response": "r"}))
     assert "dataset.encoding" in error(f, encoding="no-such-codec")

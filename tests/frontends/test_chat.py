@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from ptune.cli import FRONT_ENDS
 from ptune.data.reading import Example
 from ptune.frontends.chat import chat
-from ptune.frontends.common import compose_frontend_config, generation_settings, load_model
+from ptune.frontends.common import compose_frontend_config, fit_prompt, generation_settings, load_model
 from ptune.inference.generation import (
     GenerationSettings,
     decode,
@@ -163,6 +163,19 @@ def test_the_prompt_limit_is_the_checkpoints_length_within_the_models_positions(
     assert bare.max_source_length == 512
 
 
+def typed(lines: list[str]):
+    """``chat``'s ``read``: the lines in order, then end of input (Ctrl-D)."""
+    queue = iter(lines)
+
+    def read(_prompt: str) -> str:
+        try:
+            return next(queue)
+        except StopIteration:
+            raise EOFError from None
+
+    return read
+
+
 def test_a_long_conversation_drops_its_oldest_turns_keeps_the_newest_and_says_so(checkpoint):
     loaded = load_model(compose_frontend_config([f"checkpoint={checkpoint}"]))
     history = [(f"第{k}轮", "好" * 6) for k in range(12)]
@@ -174,17 +187,21 @@ def test_a_long_conversation_drops_its_oldest_turns_keeps_the_newest_and_says_so
     assert len(prompt) <= loaded.max_source_length and Q2 in decode(loaded.tokenizer, prompt)
     assert len(encode_prompt(loaded, Q2, history[dropped - 1 :], truncate=False)) > loaded.max_source_length
 
-    questions = iter([Q1, Q1, Q1])
     written: list[str] = []
-
-    def read_or_end(_prompt: str) -> str:
-        try:
-            return next(questions)
-        except StopIteration:
-            raise EOFError from None
-
-    chat(loaded, GenerationSettings(max_new_tokens=48), read=read_or_end, write=written.append)
+    chat(loaded, GenerationSettings(max_new_tokens=48), read=typed([Q1, Q1, Q1]), write=written.append)
     assert "history are left out" in "".join(written) and "max_source_length" in "".join(written)
+
+
+def test_a_message_longer_than_the_prompt_is_cut_and_the_chat_says_so(checkpoint):
+    loaded = load_model(compose_frontend_config([f"checkpoint={checkpoint}", "max_source_length=24"]))
+    long_query = "类型#裙*颜色#红色*风格#复古*图案#条纹*裙长#长裙*裙款式#拼接" * 3
+    assert len(encode_prompt(loaded, long_query, truncate=False)) > 24
+    kept, note = fit_prompt(loaded, long_query, [("短", "好")])
+    assert kept == [] and "history is left out and your message is longer than the prompt's 24 tokens" in note
+    assert fit_prompt(loaded, "短", []) == ([], "")  # nothing to say
+    written: list[str] = []
+    chat(loaded, GenerationSettings(max_new_tokens=4), read=typed([long_query]), write=written.append)
+    assert "your message is longer than the prompt's 24 tokens (max_source_length): its end is cut" in "".join(written)
 
 
 def test_streamed_text_of_a_long_answer_decodes_a_window_per_token_and_ends_as_the_answer(endless_model):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import logging.config
 import os
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import pytest
 
 from ptune.cli import main as cli
 from ptune.evaluation.command import evaluate_command
+from ptune.training.hydra_setup import error_line
 from ptune.training.recipe import train
 from tests.conftest import FAST, REPO, compose_config
 from tests.training.test_recipe import run_cli
@@ -114,6 +116,10 @@ def mounted(folder: Path, options: str):
 def test_a_read_only_run_folder_and_a_full_disk_name_the_path(tmp_path, fast_cfg):
     with mounted(tmp_path / "ro", "ro,size=1m") as ro:
         result = script("train.py", f"hydra.run.dir={ro / 'run'}", cwd=tmp_path)
+        handler = {"file": {"class": "logging.FileHandler", "filename": str(ro / "train.log")}}
+        with pytest.raises(ValueError, match="Unable to configure handler 'file'") as logging_failed:
+            logging.config.dictConfig({"version": 1, "handlers": handler})  # as Hydra meets an unwritable run
+    assert error_line(logging_failed.value, "train").startswith(f"{ro / 'train.log'}: Read-only file system")
     line = one_line(result.stderr)
     assert result.returncode == 1 and line.startswith(f"train.py: {ro / 'run'}: Read-only file system"), line
     with mounted(tmp_path / "full", "size=24k") as full, pytest.raises(OSError) as info:

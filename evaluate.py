@@ -8,25 +8,18 @@ python evaluate.py --help                                        # every option 
 """
 
 import hydra
-import torch
 from omegaconf import DictConfig
 
-from ptune.evaluation.scoring import evaluate_target, score_predictions
-from ptune.training.hydra_setup import route_library_logs
+from ptune.training.hydra_setup import route_library_logs, run_script
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
+    from ptune.evaluation.command import evaluate_command  # here: --help and a bad command line import no torch
+
     route_library_logs()
-    if cfg.torch_threads:
-        torch.set_num_threads(cfg.torch_threads)
-    if bool(cfg.checkpoint) == bool(cfg.predictions):
-        raise SystemExit("evaluate.py: give exactly one of checkpoint=PATH or predictions=PATH (see --help)")
-    if cfg.predictions:
-        score_predictions(cfg.predictions, cfg.metric_processes)
-    else:
-        evaluate_target(cfg)
+    evaluate_command(cfg)
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main, "evaluate.py", "evaluate")  # an error you can fix: one line (HYDRA_FULL_ERROR=1: the traceback)

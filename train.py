@@ -16,7 +16,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from ptune.training.hydra_setup import route_library_logs, run_output_dir
+from ptune.training.hydra_setup import route_library_logs, run_output_dir, run_script
 from ptune.training.sweeps import cap_torch_threads, check_plugin_choices, check_torchrun_sweep
 
 
@@ -32,4 +32,4 @@ def main(cfg: DictConfig) -> float:
 if __name__ == "__main__":
     check_plugin_choices(sys.argv[1:], Path(__file__).resolve().parent / "conf")
     check_torchrun_sweep(sys.argv[1:])
-    main()
+    run_script(main, "train.py", "train")  # an error you can fix: one line (HYDRA_FULL_ERROR=1: the traceback)

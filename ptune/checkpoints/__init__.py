@@ -1,5 +1,6 @@
 """Checkpoint folders, read and written by training, evaluation, every front end and the original-format import:
-the prefix and its metadata (``format``), the trainer's state files (``state_io``), the checks of a config and of a
+the prefix and its metadata (``format``), the SHA256 of its files and how a damaged one is named (``integrity``),
+the trainer's state files (``state_io``), the checks of a config and of a
 checkpoint against the base and the settings it is used with (``config_checks``), and original P-tuning
 checkpoints (``original_ptuning``).
 

@@ -15,6 +15,7 @@ differ rather than run silently on something else than was trained.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import logging
 from collections.abc import Callable
@@ -23,8 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
-from ptune.model.base import config_sha256
+from ptune.model.base import config_sha256, effective_config
 from ptune.utils.paths import REPO_ROOT
 
 logger = logging.getLogger(__name__)
@@ -103,6 +105,26 @@ FRONTEND_RULES = {
     "allow_base_mismatch": BOOL,
 }
 
+#: evaluate.yaml
+EVALUATE_RULES = {
+    "checkpoint": optional(STRING),
+    "predictions": optional(STRING),
+    "output_dir": optional(STRING),
+    "max_samples": optional(POSITIVE_INT),
+    "batch_size": POSITIVE_INT,
+    "force": BOOL,
+    "metric_processes": optional(POSITIVE_INT),
+    "torch_threads": optional(POSITIVE_INT),
+    "allow_base_mismatch": BOOL,
+    "model.path": optional(STRING),
+    "model.dtype": optional(one_of(*DTYPE_NAMES)),
+    "generation.max_new_tokens": optional(POSITIVE_INT),
+    "generation.do_sample": BOOL,
+    "generation.top_p": FRACTION,
+    "generation.temperature": NON_NEGATIVE_NUMBER,
+    "generation.seed": INT,
+}
+
 _ABSENT = object()
 
 #: groups whose keys are all defined by their YAML files (``trainer`` takes any Seq2SeqTrainingArguments field)
@@ -171,8 +193,67 @@ def check_train_config(cfg: DictConfig) -> None:
 
 
 def check_frontend_config(cfg: DictConfig) -> None:
-    """chat.yaml as composed for ptune chat / web / serve."""
-    _raise(type_problems(cfg, FRONTEND_RULES))
+    """chat.yaml as composed for ptune chat / web / serve: values of the right type, no key it does not define
+    (``+generation.max_new_token=5`` would otherwise reach the generation settings as an unknown argument)."""
+    _raise(type_problems(cfg, FRONTEND_RULES) + added_key_problems(cfg, "chat"))
+
+
+def check_evaluate_config(cfg: DictConfig) -> None:
+    """evaluate.yaml as composed: ``max_samples=abc`` named here, not as a ``TypeError`` deep in the evaluator."""
+    _raise(type_problems(cfg, EVALUATE_RULES))
+
+
+# -- a key that the config does not have -----------------------------------------------------------------------
+
+
+def _group_options(config_name: str) -> list[str]:
+    """The config groups ``conf/CONFIG.yaml`` composes under a key of their own (not ``@package _global_`` ones)."""
+    defaults = OmegaConf.to_container(OmegaConf.load(CONF / f"{config_name}.yaml")).get("defaults", [])
+    groups = [next(iter(entry)) for entry in defaults if isinstance(entry, dict)]
+    return [
+        group
+        for group in groups
+        if (CONF / group).is_dir()
+        and not any("@package _global_" in p.read_text(encoding="utf-8") for p in (CONF / group).glob("*.yaml"))
+    ]
+
+
+def defined_keys(config_name: str) -> set[str]:
+    """Every dotted key ``conf/CONFIG.yaml`` and its config groups define (``model``, ``model.prompt``,
+    ``model.prompt.kind``, ...)."""
+    own = _flat(OmegaConf.to_container(OmegaConf.load(CONF / f"{config_name}.yaml"), resolve=False))
+    keys = {".".join(k.split(".")[:n]) for k in own for n in range(1, k.count(".") + 2)} - {"defaults", "hydra"}
+    keys = {k for k in keys if not k.startswith(("defaults.", "hydra."))}
+    for group in _group_options(config_name):
+        keys |= {group} | {f"{group}.{key}" for key in known_keys(group)}
+    return keys
+
+
+def key_problem(full_key: str, config_name: str) -> str:
+    """``full_key`` is not a key of the config: the keys its parent takes, the closest first."""
+    parent, _, name = full_key.rpartition(".")
+    siblings = sorted(key.rpartition(".")[2] for key in defined_keys(config_name) if key.rpartition(".")[0] == parent)
+    close = difflib.get_close_matches(name, siblings, n=1)
+    closest = f"did you mean {parent + '.' if parent else ''}{close[0]}? " if close else ""
+    where = f"the {parent} group" if parent else f"{config_name}.yaml's top level"
+    return f"{full_key}: no such key; {closest}{where} takes {', '.join(siblings)}"
+
+
+def override_problem(err: BaseException, config_name: str) -> str:
+    """A Hydra composition error in one line; an override of a key that does not exist (``prefix.lenght=8``,
+    Hydra's "not in struct") with the keys that do and the closest."""
+    cause = err.__cause__
+    full_key = getattr(cause, "full_key", None)
+    if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and full_key and "not in struct" in str(cause):
+        return key_problem(full_key, config_name)
+    return " ".join(str(err).split())
+
+
+def added_key_problems(cfg: DictConfig, config_name: str) -> list[str]:
+    """Keys added with ``+key=...`` that ``conf/CONFIG.yaml`` does not define."""
+    defined = defined_keys(config_name)
+    added = _flat(OmegaConf.to_container(cfg, resolve=False)).keys() - defined - {"hydra"}
+    return [key_problem(key, config_name) for key in sorted(added) if not key.startswith("hydra.")]
 
 
 # -- a checkpoint against the base model and the settings it is used with ---------------------------------------
@@ -182,21 +263,28 @@ MAX_SHOWN = 12  # differing base-config keys named in the message
 
 
 def base_config_problem(meta: dict[str, Any], base_path: str | Path) -> str | None:
-    """How ``base_path``'s config.json differs from the one the checkpoint was trained on (None: it does not)."""
+    """How the model ``base_path`` loads to differs from the one the checkpoint was trained on (None: it does not).
+
+    Compared as loaded (:func:`ptune.model.base.effective_config`): an original ChatGLM2 folder and its
+    ``ptune convert`` output are one base, while any value that changes the model (``rope_theta``, a layer count,
+    a saved quantization) still differs. A config transformers does not know is compared as written."""
     recorded = meta["base_model"]
     if config_sha256(base_path) == recorded["config_sha256"]:
         return None
     if "config" not in recorded:
         return "the checkpoint records only its hash (an older checkpoint), so which keys differ is not known"
-    trained = _flat(recorded["config"])
-    current = _flat(json.loads((Path(base_path) / "config.json").read_text(encoding="utf-8")))
+    written = json.loads((Path(base_path) / "config.json").read_text(encoding="utf-8"))
+    trained, current = effective_config(recorded["config"]), effective_config(written)
+    if trained is None or current is None:
+        trained, current = recorded["config"], written
+    trained, current = _flat(trained), _flat(current)
     changes = [
         f"{key}: {_shown(trained, key)} in the checkpoint's, {_shown(current, key)} here"
         for key in sorted(trained.keys() | current.keys())
         if trained.get(key, _ABSENT) != current.get(key, _ABSENT)
     ]
     if not changes:
-        return "the same keys and values in another form"
+        return None  # the same model in another layout or form
     more = f"; and {len(changes) - MAX_SHOWN} more" if len(changes) > MAX_SHOWN else ""
     return "; ".join(changes[:MAX_SHOWN]) + more
 

@@ -2,8 +2,9 @@
 
 ``checkpoint-N/`` holds ``prefix.safetensors`` (a few MB even for a 6B base; never base weights) and
 ``ptune_checkpoint.json``: the resolved run config, the prefix's shape and options, the prompt format, the
-source/target lengths, and the base model's path, config.json, its hash and quantization, so later tools need
-nothing retyped and a changed base is caught (``ptune.checkpoints.config_checks``).
+source/target lengths, the base model's path, config.json, its hash and quantization, so later tools need
+nothing retyped and a changed base is caught (``ptune.checkpoints.config_checks``), and the SHA256 of every other
+file of the folder, so a damaged one is caught (``ptune.checkpoints.integrity``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ptune.checkpoints.integrity import HASHES_KEY, check_file, corrupt, file_hashes
 from ptune.model.base import config_sha256
 from ptune.model.prefix import PrefixEncoder, PrefixShape
 from ptune.utils.durable import atomic_write, atomic_write_bytes
@@ -23,6 +25,7 @@ from ptune.utils.durable import atomic_write, atomic_write_bytes
 PREFIX_FILE = "prefix.safetensors"
 META_FILE = "ptune_checkpoint.json"
 FORMAT_VERSION = 1
+STAGING_DIR = ".staging"  # in a run folder: checkpoints being written, renamed to checkpoint-N when complete
 
 
 def build_prefix(shape: PrefixShape, prefix_cfg: dict[str, Any], hidden_size: int) -> PrefixEncoder:
@@ -66,14 +69,43 @@ def save_prefix_checkpoint(directory: str | os.PathLike, prefix: PrefixEncoder, 
     directory.mkdir(parents=True, exist_ok=True)
     state = {name: t.detach().contiguous().cpu() for name, t in prefix.state_dict().items()}
     atomic_write(directory / PREFIX_FILE, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-    atomic_write_bytes(directory / META_FILE, json.dumps(metadata, indent=2, ensure_ascii=False).encode())
+    record_file_hashes(directory, metadata)
+
+
+def record_file_hashes(directory: str | os.PathLike, metadata: dict[str, Any]) -> None:
+    """(Re)write ``ptune_checkpoint.json`` as ``metadata`` plus the SHA256 of every other file now in the folder:
+    called again by the trainer once the optimizer, scheduler, RNG and trainer states are written too."""
+    directory = Path(directory)
+    recorded = {**metadata, HASHES_KEY: file_hashes(directory, skip=[META_FILE])}
+    atomic_write_bytes(directory / META_FILE, json.dumps(recorded, indent=2, ensure_ascii=False).encode())
 
 
 def read_metadata(directory: str | os.PathLike) -> dict[str, Any]:
-    path = Path(directory) / META_FILE
+    """``ptune_checkpoint.json`` of a checkpoint folder; a folder that is not one says what it is instead."""
+    directory = Path(directory)
+    path = directory / META_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{directory}: no {META_FILE}; this is not a ptune checkpoint folder")
-    return json.loads(path.read_text(encoding="utf-8"))
+        raise FileNotFoundError(f"{directory}: {_not_a_checkpoint(directory)}")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise corrupt(path, f"not valid JSON: {err}") from None
+    if not isinstance(meta, dict) or not {"prefix", "base_model", "config"} <= meta.keys():
+        raise corrupt(path, "not the metadata ptune writes: prefix, base_model or config missing")
+    return meta
+
+
+def _not_a_checkpoint(directory: Path) -> str:
+    """Why a folder without ``ptune_checkpoint.json`` is no checkpoint: absent, a run folder (naming its newest
+    checkpoint), or something else."""
+    if not directory.exists():
+        return "no such folder"
+    inside = sorted(
+        (int(p.name.split("-")[1]), p) for p in directory.glob("checkpoint-*") if p.name.split("-")[1].isdigit()
+    )
+    if inside:
+        return f"a run folder, not a checkpoint; its newest checkpoint is {inside[-1][1]} (give that)"
+    return f"no {META_FILE}; this is not a ptune checkpoint folder"
 
 
 def load_prefix_weights(directory: str | os.PathLike, prefix: PrefixEncoder) -> None:
@@ -81,10 +113,11 @@ def load_prefix_weights(directory: str | os.PathLike, prefix: PrefixEncoder) -> 
     path = Path(directory) / PREFIX_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{directory}: no {PREFIX_FILE}; this is not a ptune checkpoint folder")
+    check_file(directory, PREFIX_FILE, read_metadata(directory))
     try:
         state = load_file(str(path))
     except SafetensorError as err:  # e.g. a file cut short: "incomplete metadata", which names no file
-        raise ValueError(f"{path}: not a readable safetensors file ({err}): truncated or corrupt") from None
+        raise corrupt(path, f"not a readable safetensors file: {err}") from None
     expected = {name: tuple(t.shape) for name, t in prefix.state_dict().items()}
     found = {name: tuple(t.shape) for name, t in state.items()}
     if found != expected:

@@ -13,6 +13,7 @@ Layout of what is written (every file atomically and durably, see ``ptune.utils.
 * ``optimizer.json`` - ``param_groups`` and the non-tensor per-parameter values, with tensors replaced by
   references to the safetensors keys.
 * ``scheduler.json`` - ``scheduler.state_dict()`` (plain Python values only).
+* ``trainer_state.json`` - written by transformers itself (plain JSON); read here to name a damaged one.
 * ``rng_state.safetensors`` + ``rng_state.json`` (``rng_state_<process_index>.*`` per process when
   distributed) - Python ``random``, NumPy global, torch CPU and every CUDA device's generator.
 
@@ -36,9 +37,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from ptune.checkpoints.integrity import corrupt
 from ptune.utils.durable import atomic_write
 
 __all__ = [
@@ -47,9 +49,11 @@ __all__ = [
     "OPTIMIZER_TENSORS_FILE",
     "RNG_STATE_STEM",
     "SCHEDULER_FILE",
+    "TRAINER_STATE_FILE",
     "load_optimizer",
     "load_rng_state",
     "load_scheduler",
+    "read_trainer_state",
     "rng_state_files",
     "save_optimizer",
     "save_rng_state",
@@ -115,13 +119,16 @@ def _write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[
 
 def _require_file(path: Path) -> None:
     if not path.is_file():
-        raise FileNotFoundError(f"Training state file not found: {path}")
+        raise corrupt(path, "missing: every checkpoint written by ptune has it")
 
 
 def _read_json(path: Path, expected_format: str) -> dict[str, Any]:
     _require_file(path)
-    with open(path, encoding="utf-8") as handle:
-        payload = json.load(handle)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            payload = json.load(handle)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise corrupt(path, f"not valid JSON: {err}") from None
     if not isinstance(payload, dict) or payload.get("format") != expected_format:
         raise ValueError(f"{path} is not a {expected_format!r} file")
     if payload.get("version") != _FORMAT_VERSION:
@@ -132,14 +139,20 @@ def _read_json(path: Path, expected_format: str) -> dict[str, Any]:
 def _read_tensors(path: Path, save_id: str) -> dict[str, torch.Tensor]:
     """Load a safetensors file on CPU and check it was written by the same save as its JSON companion."""
     _require_file(path)
-    with safe_open(str(path), framework="pt") as handle:
-        found = (handle.metadata() or {}).get("save_id")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            found = (handle.metadata() or {}).get("save_id")
+    except SafetensorError as err:  # e.g. "incomplete metadata", which names no file
+        raise corrupt(path, f"not a readable safetensors file: {err}") from None
     if found != save_id:
         raise ValueError(
             f"{path} does not belong to the same save as its JSON file (save_id {found!r} != {save_id!r}); "
             "the checkpoint was probably overwritten partially"
         )
-    return load_file(str(path), device="cpu")
+    try:
+        return load_file(str(path), device="cpu")
+    except SafetensorError as err:  # a header intact, its data cut short
+        raise corrupt(path, f"not a readable safetensors file: {err}") from None
 
 
 def _write_pair(
@@ -380,3 +393,22 @@ def load_rng_state(directory: str | os.PathLike, process_index: int | None = Non
         warnings.warn(f"RNG state in {json_path} has no CUDA generator states", stacklevel=2)
     for index in range(min(available, len(saved_cuda))):
         torch.cuda.set_rng_state(saved_cuda[index], index)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The trainer's own state (written by transformers as plain JSON)
+
+TRAINER_STATE_FILE = "trainer_state.json"
+
+
+def read_trainer_state(directory: str | os.PathLike) -> dict[str, Any]:
+    """``trainer_state.json`` of a checkpoint (step, log history), a missing or damaged one named as such."""
+    path = Path(directory) / TRAINER_STATE_FILE
+    _require_file(path)
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise corrupt(path, f"not valid JSON: {err}") from None
+    if not isinstance(state, dict) or not isinstance(state.get("global_step"), int):
+        raise corrupt(path, "no global_step in it")
+    return state

@@ -18,7 +18,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from ptune.checkpoints.format import META_FILE, PREFIX_FILE, atomic_write_bytes, read_metadata
+from ptune.checkpoints.format import META_FILE, PREFIX_FILE, STAGING_DIR, atomic_write_bytes, read_metadata
+from ptune.checkpoints.integrity import CorruptCheckpointError, check_file
 from ptune.data.features import file_sha256
 from ptune.data.reading import DataError, Example, read_examples
 from ptune.evaluation.metrics import METRIC_NAMES, compute_metrics
@@ -48,7 +49,8 @@ def checkpoint_step(checkpoint: Path) -> int | None:
 
 def _hidden(path: Path) -> bool:
     """A folder being written, never a checkpoint: the trainer stages each save in ``.staging/`` (and any other
-    dot-folder is not ours to score)."""
+    dot-folder inside the scanned folder is not ours to score). Only folders inside the scanned one are judged:
+    the dot-folders above it (``~/.cache``, ``~/.local``) are where the user chose to keep runs."""
     return path.name.startswith(".")
 
 
@@ -67,10 +69,9 @@ def find_checkpoints(target: str | Path) -> list[Path]:
     target = Path(target).expanduser()
     if not target.is_dir():
         raise FileNotFoundError(f"checkpoint={target}: no such folder")
-    staged = [part for part in target.resolve().parts if part.startswith(".")]
-    if staged:
+    if STAGING_DIR in (target.name, target.parent.name):
         raise FileNotFoundError(
-            f"checkpoint={target}: inside {staged[0]}/, where checkpoints are written before they are complete; "
+            f"checkpoint={target}: inside {STAGING_DIR}/, where checkpoints are written before they are complete; "
             "give the finished checkpoint-N beside it"
         )
     if (target / META_FILE).exists() or target.name.startswith("checkpoint-"):
@@ -265,10 +266,31 @@ def _loader_key(checkpoint: Path, model_path: str | None, dtype: str | None, qua
     )
 
 
+def usable_checkpoints(checkpoints: list[Path]) -> list[Path]:
+    """Before any generation: the checkpoints whose metadata and weights are intact. One alone that is not fails;
+    among several (a run, a sweep) a broken one is skipped with a warning naming it and why, the rest scored."""
+    usable = []
+    for checkpoint in checkpoints:
+        try:
+            meta = read_metadata(checkpoint)
+            if not (checkpoint / PREFIX_FILE).is_file():
+                raise FileNotFoundError(f"{checkpoint}: no {PREFIX_FILE}; this is not a ptune checkpoint folder")
+            check_file(checkpoint, PREFIX_FILE, meta)
+        except (FileNotFoundError, CorruptCheckpointError) as err:
+            if len(checkpoints) == 1:
+                raise
+            logger.warning("skipping %s, not scored: %s", checkpoint, err)
+            continue
+        usable.append(checkpoint)
+    if not usable:
+        raise FileNotFoundError(f"none of the {len(checkpoints)} checkpoints can be scored (each named above)")
+    return usable
+
+
 def evaluate_target(cfg: DictConfig) -> list[dict[str, Any]]:
     """Evaluate everything under ``cfg.checkpoint``; returns one row per checkpoint (and writes the report)."""
     target = Path(cfg.checkpoint).expanduser()
-    checkpoints = find_checkpoints(target)
+    found = find_checkpoints(target)
     options = EvalOptions(
         batch_size=cfg.batch_size,
         settings_overrides={k: v for k, v in OmegaConf.to_container(cfg.generation).items() if v is not None},
@@ -277,21 +299,24 @@ def evaluate_target(cfg: DictConfig) -> list[dict[str, Any]]:
         metric_processes=cfg.metric_processes,
         force=cfg.force,
     )
-    objectives = set()
-    for checkpoint in checkpoints:  # fail before any generation if a checkpoint is broken
-        objectives.add(read_metadata(checkpoint)["config"].get("objective"))
-        if not (checkpoint / PREFIX_FILE).is_file():
-            raise FileNotFoundError(f"{checkpoint}: no {PREFIX_FILE}; this is not a ptune checkpoint folder")
+    checkpoints = usable_checkpoints(found)
+    objectives = {read_metadata(checkpoint)["config"].get("objective") for checkpoint in checkpoints}
     out_root = Path(cfg.output_dir).expanduser() if cfg.output_dir else None
     rows, loaded, loaded_key = [], None, None
     for checkpoint in checkpoints:
         base_options = cfg.model.path, cfg.model.dtype, cfg.model.get("quantization")
         key = _loader_key(checkpoint, *base_options)
-        if key != loaded_key:  # a new base/prefix configuration: load; otherwise only swap the prefix weights
-            allow = cfg.allow_base_mismatch
-            loaded, loaded_key = load_checkpoint(checkpoint, *base_options, allow_base_mismatch=allow), key
-        else:
-            loaded.load_prefix(checkpoint)
+        try:
+            if key != loaded_key:  # a new base/prefix configuration: load; otherwise only swap the prefix weights
+                allow = cfg.allow_base_mismatch
+                loaded, loaded_key = load_checkpoint(checkpoint, *base_options, allow_base_mismatch=allow), key
+            else:
+                loaded.load_prefix(checkpoint)
+        except CorruptCheckpointError as err:  # weights that parse badly and record no hash (an older checkpoint)
+            if len(checkpoints) == 1:
+                raise
+            logger.warning("skipping %s, not scored: %s", checkpoint, err)
+            continue
         relative = checkpoint.relative_to(target) if checkpoint != target else Path()
         out_dir = out_root / relative if out_root else checkpoint
         metrics = evaluate_checkpoint(loaded, out_dir, options)
@@ -307,7 +332,7 @@ def evaluate_target(cfg: DictConfig) -> list[dict[str, Any]]:
             }
         )
         logger.info("%s: %s", checkpoint, {name: metrics[name] for name in METRIC_NAMES})
-    if len(checkpoints) > 1:
+    if len(found) > 1 and rows:  # a run or sweep gets its table, also when a broken checkpoint was skipped
         (objective,) = objectives if len(objectives) == 1 else (None,)
         write_report(rows, out_root or target, rank_by=objective if objective in METRIC_NAMES else "rouge-l")
     return rows

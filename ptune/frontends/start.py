@@ -10,6 +10,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
+from ptune.checkpoints.config_checks import ConfigError, override_problem
 from ptune.training.hydra_setup import route_library_logs
 from ptune.utils.paths import REPO_ROOT
 
@@ -38,8 +39,9 @@ def frontend_setup(name: str, argv: list[str], doc: str | None) -> tuple[DictCon
         return 0
     try:
         cfg = compose_frontend_config(list(argv))
-    except (HydraException, OmegaConfBaseException) as err:
-        print(f"ptune {name}: {_one_line(err)} (ptune {name} --help lists the keys)", file=sys.stderr)
+    except (HydraException, OmegaConfBaseException, ConfigError) as err:
+        line = override_problem(err, "chat") if not isinstance(err, ConfigError) else _one_line(err)
+        print(f"ptune {name}: {line} (ptune {name} --help lists the keys)", file=sys.stderr)
         return 2
     route_library_logs()
     try:

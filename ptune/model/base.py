@@ -6,11 +6,12 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from ptune.chatglm2.conversion import is_original_chatglm2, load_chatglm2
+from ptune.chatglm2.conversion import glm_config, is_original_chatglm2, load_chatglm2
 from ptune.chatglm2.tokenizer import build_chatglm2_tokenizer
 from ptune.quantization.layers import check_quantization, quantize_model
 from ptune.utils.memory import release_free_memory
@@ -38,6 +39,27 @@ def config_sha256(path: str | Path) -> str:
     """Hash of the base model's config.json with keys sorted: identifies the architecture a prefix was trained on."""
     config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+
+
+_BOOKKEEPING = ("transformers_version", "_name_or_path", "architectures")  # say how a file was written, not the model
+
+
+def effective_config(raw: dict[str, Any]) -> dict[str, Any] | None:
+    """What a config.json loads to: the native model's full config (defaults filled in, bookkeeping dropped), so two
+    folders holding one model in other layouts compare equal, e.g. an original ChatGLM2 folder (translated as
+    ``load_base_model`` does) and its ``ptune convert`` output. A saved quantization stays a difference. None: a
+    config transformers does not know (then only the file itself can be compared)."""
+    raw = dict(raw)
+    try:
+        if raw.get("model_type") == "chatglm":
+            config = glm_config(raw)
+            extra = {"quantization_bit": raw["quantization_bit"]} if raw.get("quantization_bit") else {}
+        else:
+            config, extra = AutoConfig.for_model(raw.pop("model_type"), **raw), {}
+    except (KeyError, ValueError, TypeError, NotImplementedError):
+        return None
+    full = json.loads(config.to_json_string(use_diff=False))
+    return {key: value for key, value in full.items() if key not in _BOOKKEEPING} | extra
 
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:

@@ -1,11 +1,16 @@
-"""Hydra glue: config resolvers, the run directory and logging. Imported by the entry points before ``@hydra.main``."""
+"""Hydra glue: config resolvers, the run directory, logging, and one line instead of a traceback for what the user
+can fix. Imported by the entry points before ``@hydra.main``, so it imports neither torch nor transformers."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
@@ -80,3 +85,81 @@ def route_library_logs() -> None:
 
 
 register_resolvers()
+
+
+#: what a bad setting, file, checkpoint or disk raises (and a diverged loss); anything else is a bug and keeps its
+#: traceback
+USER_ERRORS = (ValueError, TypeError, OSError)
+_NOT_WRITABLE = {errno.EACCES: "not writable", errno.EROFS: "on a read-only file system", errno.EPERM: "not writable"}
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def os_error_line(err: OSError) -> str | None:
+    """A disk that is full or a folder that cannot be written, with the path and what to do (None: another error)."""
+    where = err.filename or "the run folder"
+    if err.errno in _FULL:
+        return f"{where}: {err.strerror} (the disk is full): free space there, or write elsewhere (hydra.run.dir=...)"
+    if err.errno in _NOT_WRITABLE:
+        return f"{where}: {err.strerror} ({_NOT_WRITABLE[err.errno]}): run where you may write (hydra.run.dir=...)"
+    return None
+
+
+def error_line(err: BaseException, config_name: str) -> str:
+    """The one line shown for ``err``: a composition error with the keys that exist, an OS error with its path."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from ptune.checkpoints.config_checks import override_problem
+
+    if isinstance(err, (HydraException, OmegaConfBaseException)):
+        return override_problem(err, config_name)
+    for candidate in (err, err.__cause__, err.__context__):  # logging's "Unable to configure handler" wraps it
+        if isinstance(candidate, OSError) and (line := os_error_line(candidate)):
+            return line
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def _log_to_run_file(line: str) -> None:
+    """The error into the run's log file too (Hydra's file handler, if the run got that far), so a failed run's
+    folder says why it failed rather than holding an empty log."""
+    record = logging.LogRecord("ptune", logging.ERROR, __file__, 0, line, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
+def run_script(main: Callable[[], Any], script: str, config_name: str) -> None:
+    """Run a ``@hydra.main`` function; an error the user can fix ends the process with ``script: <one line>`` (exit
+    2 for a bad setting, 1 otherwise, 130 for Ctrl-C) instead of Hydra's 10-30-line traceback. With
+    ``HYDRA_FULL_ERROR=1`` set by the user every error keeps its full traceback."""
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        main()
+        return
+    previous = os.environ.get("HYDRA_FULL_ERROR")
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises the error here instead of printing its traceback
+    try:
+        main()
+    except KeyboardInterrupt as err:
+        _exit_with(script, " ".join(str(err).split()) or "interrupted", 130)
+    except Exception as err:
+        from hydra.errors import HydraException
+        from omegaconf.errors import OmegaConfBaseException
+
+        from ptune.checkpoints.config_checks import ConfigError
+        from ptune.training.guards import DivergenceError
+
+        if not isinstance(err, (*USER_ERRORS, DivergenceError, HydraException, OmegaConfBaseException)):
+            raise
+        bad_setting = isinstance(err, (ConfigError, HydraException, OmegaConfBaseException))
+        _exit_with(script, error_line(err, config_name), 2 if bad_setting else 1)
+    finally:
+        if previous is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = previous
+
+
+def _exit_with(script: str, line: str, status: int) -> None:
+    _log_to_run_file(line)
+    print(f"{script}: {line}", file=sys.stderr)
+    sys.exit(status)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -11,11 +10,12 @@ import datasets
 import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedTokenizerBase, Seq2SeqTrainingArguments, set_seed
-from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import get_last_checkpoint
 
 from ptune.checkpoints.config_checks import check_base_model, check_resume_settings, check_train_config
 from ptune.checkpoints.format import build_prefix, checkpoint_metadata, load_prefix_weights, read_metadata
+from ptune.checkpoints.integrity import check_files
+from ptune.checkpoints.state_io import read_trainer_state
 from ptune.data.features import make_collator, tokenize_file
 from ptune.data.packing import PackingCollator
 from ptune.data.prompts import PromptFormat
@@ -24,7 +24,7 @@ from ptune.model.base import load_base_model, load_tokenizer
 from ptune.model.prefix import PrefixShape, PrefixTunedModel
 from ptune.quantization.layers import model_quantization
 from ptune.training.guards import LossGuard
-from ptune.training.objective import check_objective, final_objective
+from ptune.training.objective import LOSS_OBJECTIVE, check_objective, final_objective
 from ptune.training.trainer import PrefixTrainer
 from ptune.utils.memory import ReleaseFreeMemory
 
@@ -150,16 +150,71 @@ def check_checkpoints(cfg: DictConfig, resume: str | None) -> None:
         check_base_model(cfg.init_from, read_metadata(cfg.init_from), cfg.model.path, cfg.allow_base_mismatch)
     if resume:
         meta = read_metadata(resume)
+        check_files(resume, meta)  # weights and training state as saved (SHA256), before anything is loaded
+        read_trainer_state(resume)
         check_base_model(resume, meta, cfg.model.path, cfg.allow_base_mismatch)
         check_resume_settings(resume, meta, cfg)
         logger.info("resuming from %s", resume)
 
 
-def evaluated_at_resume(checkpoint: str) -> bool:
-    """Whether the checkpoint's log history already has the eval loss of its step (then eval_on_start would add it
-    a second time to trainer_state.json)."""
-    state = json.loads((Path(checkpoint) / TRAINER_STATE_NAME).read_text(encoding="utf-8"))
-    return any("eval_loss" in entry and entry["step"] == state["global_step"] for entry in state["log_history"])
+def eval_loss_at_resume(checkpoint: str) -> float | None:
+    """The eval loss the checkpoint's log history has for its own step (None: none; then eval_on_start measures
+    it, which would otherwise add it a second time to trainer_state.json)."""
+    state = read_trainer_state(checkpoint)
+    found = [e["eval_loss"] for e in state["log_history"] if "eval_loss" in e and e["step"] == state["global_step"]]
+    return found[-1] if found else None
+
+
+def finished(cfg: DictConfig, checkpoint: str | None) -> bool:
+    """Whether the checkpoint resumed from is already at ``max_steps`` (a finished run resumed with resume=auto,
+    or one killed between its final save and exit): then nothing is trained and nothing written."""
+    if checkpoint is None:
+        return False
+    step = read_trainer_state(checkpoint)["global_step"]
+    if step < cfg.trainer.max_steps:
+        return False
+    logger.info(
+        "resume=%s: %s already reached max_steps=%d; nothing to train, nothing written (a longer run: "
+        "init_from=%s max_steps=N in a new run folder)",
+        cfg.resume,
+        checkpoint,
+        cfg.trainer.max_steps,
+        checkpoint,
+    )
+    return True
+
+
+def finished_objective(cfg: DictConfig, checkpoint: str, output_dir: str) -> float:
+    """``cfg.objective`` of a finished run, from its records where they have it, else measured without writing."""
+    eval_loss = eval_loss_at_resume(checkpoint)
+    if cfg.objective == LOSS_OBJECTIVE and eval_loss is not None:
+        return eval_loss
+    quiet = cfg.copy()
+    quiet.trainer.report_to = ["none"]  # measured again: nothing goes into the run's TensorBoard logs
+    trainer = build_trainer(quiet, output_dir)
+    load_prefix_weights(checkpoint, trainer.prefix_model.prefix)
+    if eval_loss is None:
+        eval_loss = float(trainer.evaluate()["eval_loss"])
+    return final_objective(cfg, trainer, eval_loss)
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during training; the message names the last checkpoint and how to go on from it."""
+
+
+def train_interruptible(trainer: PrefixTrainer, checkpoint: str | None, output_dir: str) -> None:
+    """``trainer.train``; Ctrl-C stops it with one line naming the newest checkpoint and the command resuming it."""
+    try:
+        trainer.train(resume_from_checkpoint=checkpoint)
+    except KeyboardInterrupt:
+        last = get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
+        where = f"hydra.run.dir={output_dir}"
+        raise Interrupted(
+            f"interrupted at step {trainer.state.global_step}; the last checkpoint is {last}: continue with "
+            f"python train.py resume=auto {where} (and the same settings)"
+            if last
+            else f"interrupted at step {trainer.state.global_step}, before the first checkpoint: nothing to resume"
+        ) from None
 
 
 def train(cfg: DictConfig, output_dir: str) -> float:
@@ -169,10 +224,12 @@ def train(cfg: DictConfig, output_dir: str) -> float:
     check_objective(cfg)
     checkpoint = resolve_resume(cfg.resume, output_dir)
     check_checkpoints(cfg, checkpoint)
+    if finished(cfg, checkpoint):
+        return finished_objective(cfg, checkpoint, output_dir)
     trainer = build_trainer(cfg, output_dir)
-    if checkpoint and evaluated_at_resume(checkpoint):
+    if checkpoint and eval_loss_at_resume(checkpoint) is not None:
         trainer.args.eval_on_start = False
-    trainer.train(resume_from_checkpoint=checkpoint)
+    train_interruptible(trainer, checkpoint, output_dir)
     evals = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
     final_step_evaluated = evals and evals[-1]["step"] == trainer.state.global_step
     metrics = evals[-1] if final_step_evaluated else trainer.evaluate()

@@ -6,7 +6,9 @@ The loop, schedule, logging, evaluation and resume logic are the library's. Over
   (``ptune.checkpoints.state_io``);
 - where a checkpoint is written: into a hidden staging folder that is renamed to ``checkpoint-N`` when complete,
   so an interrupted save never leaves a folder that ``resume=auto`` would pick up; every file is fsynced before
-  the rename and the folders after it, so a complete-looking checkpoint is complete after a power loss too.
+  the rename and the folders after it, so a complete-looking checkpoint is complete after a power loss too; the
+  SHA256 of every file goes into its ``ptune_checkpoint.json`` just before;
+- the logging, eval and save intervals on resume: this run's, not the ones in the checkpoint's trainer state.
 """
 
 from __future__ import annotations
@@ -24,12 +26,11 @@ from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from ptune.checkpoints import state_io
-from ptune.checkpoints.format import load_prefix_weights, save_prefix_checkpoint
+from ptune.checkpoints.format import STAGING_DIR, load_prefix_weights, record_file_hashes, save_prefix_checkpoint
 from ptune.model.prefix import PrefixTunedModel
 from ptune.utils.durable import fsync_dir, fsync_tree
 
 logger = logging.getLogger(__name__)
-STAGING_DIR = ".staging"
 
 
 class PrefixTrainer(Seq2SeqTrainer):
@@ -77,6 +78,18 @@ class PrefixTrainer(Seq2SeqTrainer):
             rank = self.args.process_index if self.args.world_size > 1 else None
             state_io.load_rng_state(checkpoint, rank)
 
+    def _init_training_state(self, max_steps, *args, **kwargs) -> tuple[int, int]:
+        """Resumed, the library keeps the checkpoint's intervals (its trainer_state.json); intervals may change on
+        resume (``RESUME_FREE``), so this run's ``logging_steps``/``eval_steps``/``save_steps`` replace them."""
+        resumed = super()._init_training_state(max_steps, *args, **kwargs)
+        before = {kind: getattr(self.state, f"{kind}_steps") for kind in ("logging", "eval", "save")}
+        self.state.compute_steps(self.args, max_steps)
+        after = {kind: getattr(self.state, f"{kind}_steps") for kind in before}
+        if before != after:
+            changed = ", ".join(f"{k}_steps {before[k]} -> {after[k]}" for k in before if before[k] != after[k])
+            logger.info("intervals of this run applied to the resumed one: %s", changed)
+        return resumed
+
     # -- atomic checkpoint folders ------------------------------------------------------------------------------
     def _get_output_dir(self, trial) -> str:
         return self._staging if self._staging is not None else super()._get_output_dir(trial)
@@ -94,6 +107,7 @@ class PrefixTrainer(Seq2SeqTrainer):
             self._staging = None
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
+            record_file_hashes(staging_root / name, self.checkpoint_metadata)  # every file is written by now
             fsync_tree(staging_root / name)  # every file on disk before the name says the checkpoint is complete
             final = run_dir / name
             old = staging_root / f"{name}.old"

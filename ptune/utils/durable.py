@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -58,7 +59,8 @@ def fsync_tree(folder: str | os.PathLike) -> None:
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """``write(tmp)`` creates a temporary file beside ``path``; it is fsynced, renamed to ``path``, the folder fsynced.
 
-    On any failure the temporary file is removed and ``path`` keeps its previous content.
+    On any failure the temporary file is removed and ``path`` keeps its previous content; an I/O error that names no
+    file (a full disk) is raised as an ``OSError`` naming ``path``.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -68,11 +70,23 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         os.chmod(tmp, user_file_mode())
         fsync_file(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        named = _naming(err, path)
+        if named is not None:
+            raise named from err
         raise
     fsync_dir(path.parent)
+
+
+def _naming(err: BaseException, path: Path) -> OSError | None:
+    """``err`` as an ``OSError`` naming ``path``, when it is an I/O error that names no file: ``write`` on a full disk
+    gives ``[Errno 28]`` alone, safetensors' writer a ``SafetensorError`` ending in "(os error 28)". None otherwise."""
+    if isinstance(err, OSError):
+        return None if err.filename or err.errno is None else OSError(err.errno, err.strerror, str(path))
+    found = re.search(r"\(os error (\d+)\)", str(err))
+    return OSError(int(found.group(1)), os.strerror(int(found.group(1))), str(path)) if found else None
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

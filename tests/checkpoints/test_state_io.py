@@ -14,6 +14,7 @@ from torch import nn
 from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
 
 from ptune.checkpoints import state_io
+from ptune.checkpoints.integrity import CorruptCheckpointError
 from ptune.checkpoints.state_io import (
     OPTIMIZER_FILES,
     OPTIMIZER_JSON_FILE,
@@ -179,7 +180,7 @@ def test_optimizer_missing_file_names_the_path(tmp_path, missing):
     optimizer = OPTIMIZERS["adamw"](list(model.parameters()))
     save_optimizer(optimizer, tmp_path)
     (tmp_path / missing).unlink()
-    with pytest.raises(FileNotFoundError, match=str(tmp_path / missing)):
+    with pytest.raises(CorruptCheckpointError, match=str(tmp_path / missing)):
         load_optimizer(optimizer, tmp_path)
 
 
@@ -267,7 +268,7 @@ def test_scheduler_lr_lambdas_none_and_dict(tmp_path):
 
 def test_scheduler_missing_file_names_the_path(tmp_path):
     scheduler = SCHEDULERS["linear"](torch.optim.SGD(_model().parameters(), lr=0.1))
-    with pytest.raises(FileNotFoundError, match=str(tmp_path / SCHEDULER_FILE)):
+    with pytest.raises(CorruptCheckpointError, match=str(tmp_path / SCHEDULER_FILE)):
         load_scheduler(scheduler, tmp_path)
 
 
@@ -315,11 +316,11 @@ def test_rng_round_trip(tmp_path, process_index):
 def test_rng_missing_file_names_the_path(tmp_path):
     save_rng_state(tmp_path, process_index=0)
     tensors_name, json_name = rng_state_files(1)
-    with pytest.raises(FileNotFoundError, match=str(tmp_path / json_name)):
+    with pytest.raises(CorruptCheckpointError, match=str(tmp_path / json_name)):
         load_rng_state(tmp_path, process_index=1)
     (tmp_path / tensors_name).unlink(missing_ok=True)
     (tmp_path / rng_state_files(0)[0]).unlink()
-    with pytest.raises(FileNotFoundError, match=str(tmp_path / rng_state_files(0)[0])):
+    with pytest.raises(CorruptCheckpointError, match=str(tmp_path / rng_state_files(0)[0])):
         load_rng_state(tmp_path, process_index=0)
 
 

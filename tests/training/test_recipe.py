@@ -73,6 +73,7 @@ def test_checkpoint_holds_the_prefix_and_what_rebuilds_it(fast_cfg, tmp_path):
     saved = load_file(str(ckpt / PREFIX_FILE))
     assert set(saved) == {"embedding.weight", "trans.0.weight", "trans.0.bias", "trans.2.weight", "trans.2.bias"}
     meta = read_metadata(ckpt)
+    assert set(meta["files"]) == set(names) - {META_FILE}  # the SHA256 of every other file
     assert meta["base_model"] == {
         "path": str(TINY_GLM.resolve()),
         "config_sha256": config_sha256(TINY_GLM),

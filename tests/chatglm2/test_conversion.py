@@ -352,13 +352,17 @@ def test_a_shard_cut_by_a_few_bytes_or_damaged_inside_is_named(original, tmp_pat
 
 def test_a_cut_prefix_file_is_named(tmp_path):
     from ptune.checkpoints.format import PREFIX_FILE, load_prefix_weights, save_prefix_checkpoint
+    from ptune.checkpoints.integrity import HASHES_KEY
     from ptune.model.prefix import PrefixEncoder, PrefixShape
 
     prefix = PrefixEncoder(PrefixShape(2, 2, 16), length=4)
-    save_prefix_checkpoint(tmp_path, prefix, {})
+    save_prefix_checkpoint(tmp_path, prefix, {"prefix": {}, "base_model": "", "config": {}})
+    meta = json.loads((tmp_path / "ptune_checkpoint.json").read_text())
+    meta.pop(HASHES_KEY, None)  # as a checkpoint written before the hashes: the file itself must say it is cut
+    (tmp_path / "ptune_checkpoint.json").write_text(json.dumps(meta))
     path = tmp_path / PREFIX_FILE
     path.write_bytes(path.read_bytes()[:40])
-    with pytest.raises(ValueError, match=f"{PREFIX_FILE}: not a readable safetensors file.*truncated"):
+    with pytest.raises(ValueError, match=rf"{PREFIX_FILE}: truncated or corrupt \(not a readable safetensors file"):
         load_prefix_weights(tmp_path, prefix)
 
 

@@ -572,7 +572,8 @@ def wait_for_quiet(max_wait: float, threshold: float = 0.8) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--samples", type=int, default=128, help="training rows per run (a multiple of 16)")
+    samples_help = "training rows per run (a multiple of 16, at least 32: two optimizer steps)"
+    parser.add_argument("--samples", type=int, default=128, help=samples_help)
     parser.add_argument("--repeats", type=int, default=3, help="alternating runs per side (medians)")
     parser.add_argument("--ablations", action="store_true", help="also run ptune with one setting changed at a time")
     parser.add_argument("--ablation-repeats", type=int, default=1, help="runs per ablation (medians)")

@@ -30,6 +30,20 @@ def rounded(metrics: dict[str, Any]) -> dict[str, Any]:
     return {k: round(v, PLACES) if isinstance(v, float) else v for k, v in metrics.items()}
 
 
+def generation_label(settings: dict[str, Any]) -> str:
+    """How a row's answers were generated, for the tables (greedy or the sampling settings, and the budget), so
+    that a table says whether greedy or ``generation=reference`` produced it."""
+    if settings.get("max_length"):
+        budget = f"prompt + answer <= {settings['max_length']} tokens"
+    else:
+        budget = f"<= {settings['max_new_tokens']} new tokens"
+    if not settings["do_sample"]:
+        return f"greedy, {budget}"
+    return (
+        f"sampled (top_p {settings['top_p']}, temperature {settings['temperature']}, seed {settings['seed']}), {budget}"
+    )
+
+
 def run_params(run_dir: Path) -> dict[str, str]:
     """The run's command-line overrides (Hydra's record; how sweep jobs differ), ``hydra.*`` ones aside."""
     path = run_dir / ".hydra" / "overrides.yaml"
@@ -115,6 +129,14 @@ def _cell(value: Any) -> str:
     return "" if value is None else str(value)
 
 
+def metric_title(name: str, values: Sequence[float]) -> str:
+    """A panel's title with the range its points span, so a small spread reads as small in numbers too."""
+    finite = [v for v in values if not math.isnan(v)]
+    if not finite:
+        return name
+    return f"{name}: {min(finite):.2f} to {max(finite):.2f} (spread {max(finite) - min(finite):.2f})"
+
+
 def plot_metrics(rows: Sequence[dict[str, Any]], path: Path) -> None:
     """Each metric against step, one line per run, labelled by the parameters that vary between runs only."""
     import matplotlib
@@ -139,8 +161,9 @@ def plot_metrics(rows: Sequence[dict[str, Any]], path: Path) -> None:
                 label=f"{run}: {label}" if swept else label,
             )
     for axis, name in zip(axes.flat, METRIC_NAMES, strict=True):
-        axis.set_title(name)
+        axis.set_title(metric_title(name, [row[name] for row in rows if row["step"] is not None]))
         axis.set_ylabel(f"{name} (x100)")
+        axis.set_ylim(bottom=0)  # from 0, not auto-zoomed: 33.42 against 33.52 must not look like a large change
         axis.grid(alpha=0.3)
     for axis in axes[1]:
         axis.set_xlabel("step")

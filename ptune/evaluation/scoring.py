@@ -6,6 +6,7 @@ results table (Markdown, CSV) and a plot of each metric against step, one line p
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -23,9 +24,11 @@ from ptune.checkpoints.integrity import CorruptCheckpointError, check_file
 from ptune.data.features import file_sha256
 from ptune.data.reading import DataError, Example, read_examples
 from ptune.evaluation.metrics import METRIC_NAMES, compute_metrics
-from ptune.evaluation.report import rounded, run_params, write_report
+from ptune.evaluation.report import generation_label, rounded, run_params, write_report
 from ptune.inference.generation import GenerationSettings, decode, encode_prompt, generate_ids, reference_label
 from ptune.inference.loading import LoadedModel, load_checkpoint
+from ptune.model.base import config_sha256
+from ptune.quantization.layers import model_quantization
 
 logger = logging.getLogger(__name__)
 
@@ -144,10 +147,56 @@ class EvalOptions:
     dataset: dict[str, Any] | None  # None: each checkpoint's own validation split
     metric_processes: int | None
     force: bool
+    results: str | None = None  # sub-folder for results of non-default options (``results_folder``); None: in place
 
 
 def generation_settings(loaded: LoadedModel, overrides: dict[str, Any]) -> GenerationSettings:
-    return GenerationSettings(**{"max_new_tokens": loaded.max_target_length, **overrides})
+    """The settings a checkpoint is scored with: the user's ``generation.*`` over the default budget, which is the
+    reference ``main.py``'s (prompt and answer together ``max_source_length + max_target_length + 1`` tokens), so
+    no answer is cut shorter than the reference would cut it; a ``max_new_tokens`` given is a fixed cap instead."""
+    budget = loaded.max_source_length + loaded.max_target_length + 1
+    if "max_new_tokens" in overrides:
+        return GenerationSettings(**{**overrides, "max_length": None})
+    max_length = overrides.get("max_length", budget)  # max_new_tokens: only an upper bound then
+    return GenerationSettings(**{**overrides, "max_new_tokens": max_length, "max_length": max_length})
+
+
+def scoring_settings(loaded: LoadedModel, eval_set: EvalSet, settings: GenerationSettings) -> dict[str, Any]:
+    """Everything that changes an answer or its score, read from the loaded model itself: the data (file, hash,
+    rows), the base (folder, config.json hash, dtype, quantization), the prompt lengths, the generation settings
+    and the prefix weights. ``metrics.json`` records it as ``settings``; equal settings mean already scored."""
+    base = getattr(loaded.model, "base", loaded.model)
+    return {
+        "data": str(eval_set.path),
+        "data_sha256": eval_set.sha256,
+        "rows": len(eval_set.examples),
+        "base": loaded.base_path,
+        "base_config_sha256": config_sha256(loaded.base_path),
+        "dtype": str(base.get_input_embeddings().weight.dtype).removeprefix("torch."),
+        "quantization": model_quantization(base),
+        "max_source_length": loaded.max_source_length,
+        "max_target_length": loaded.max_target_length,
+        "generation": asdict(settings),
+        "prefix_sha256": file_sha256(Path(loaded.checkpoint) / PREFIX_FILE),
+    }
+
+
+def results_folder(cfg: DictConfig) -> str | None:
+    """Where results of these options go inside each checkpoint (and run) folder: in place for the defaults (the
+    checkpoint's own validation split, every row, its recorded base, the default generation), else ``eval-ID``
+    with ID a hash of the options that differ, so results on other data or settings never replace others."""
+    asked = {
+        "dataset": OmegaConf.to_container(cfg.dataset, resolve=True) if cfg.get("dataset") else None,
+        "max_samples": cfg.max_samples,
+        "model": {k: v for k, v in OmegaConf.to_container(cfg.model).items() if v is not None},
+        "generation": {k: v for k, v in OmegaConf.to_container(cfg.generation).items() if v != _DEFAULTS.get(k)},
+    }
+    if not any(asked.values()):
+        return None
+    return "eval-" + hashlib.sha256(json.dumps(asked, sort_keys=True).encode()).hexdigest()[:8]
+
+
+_DEFAULTS = {**asdict(GenerationSettings()), "max_new_tokens": None, "max_length": None}
 
 
 def write_metrics(path: Path, metrics: dict[str, Any]) -> None:
@@ -215,19 +264,13 @@ def evaluate_checkpoint(loaded: LoadedModel, out_dir: Path, options: EvalOptions
     meta = loaded.metadata
     eval_set = load_eval_set(options.dataset or meta["config"]["dataset"], options.max_samples)
     settings = generation_settings(loaded, options.settings_overrides)
-    fingerprint = {
-        "data": str(eval_set.path),
-        "data_sha256": eval_set.sha256,
-        "rows": len(eval_set.examples),
-        "generation": asdict(settings),
-        "prefix_sha256": file_sha256(Path(loaded.checkpoint) / PREFIX_FILE),
-    }
+    fingerprint = scoring_settings(loaded, eval_set, settings)
     metrics_path, predictions_path = out_dir / METRICS_FILE, out_dir / PREDICTIONS_FILE
     if metrics_path.exists() and not options.force:
         previous = json.loads(metrics_path.read_text(encoding="utf-8"))
         if previous.get("settings") == fingerprint:
             logger.info("%s: already scored with these settings (force=true regenerates)", out_dir)
-            return previous
+            return {**previous, "already_scored": True}
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics_path.unlink(missing_ok=True)  # never leave old metrics beside new predictions
 
@@ -298,10 +341,13 @@ def evaluate_target(cfg: DictConfig) -> list[dict[str, Any]]:
         dataset=OmegaConf.to_container(cfg.dataset, resolve=True) if cfg.get("dataset") else None,
         metric_processes=cfg.metric_processes,
         force=cfg.force,
+        results=results_folder(cfg),
     )
     checkpoints = usable_checkpoints(found)
     objectives = {read_metadata(checkpoint)["config"].get("objective") for checkpoint in checkpoints}
     out_root = Path(cfg.output_dir).expanduser() if cfg.output_dir else None
+    if out_root is None and options.results:
+        logger.info("results of these options go to %s/ in each folder (metrics.json lists them)", options.results)
     rows, loaded, loaded_key = [], None, None
     for checkpoint in checkpoints:
         base_options = cfg.model.path, cfg.model.dtype, cfg.model.get("quantization")
@@ -318,33 +364,37 @@ def evaluate_target(cfg: DictConfig) -> list[dict[str, Any]]:
             logger.warning("skipping %s, not scored: %s", checkpoint, err)
             continue
         relative = checkpoint.relative_to(target) if checkpoint != target else Path()
-        out_dir = out_root / relative if out_root else checkpoint
+        out_dir = out_root / relative if out_root else checkpoint / (options.results or "")
         metrics = evaluate_checkpoint(loaded, out_dir, options)
         run_dir, step = checkpoint.parent, checkpoint_step(checkpoint)
-        log_to_tensorboard(run_dir, step, metrics)
+        if not metrics.get("already_scored"):  # logged when scored, once
+            log_to_tensorboard(run_dir, step, metrics, options.results or "eval")
         rows.append(
             {
                 "run": str(run_dir.relative_to(target)) if run_dir != target and len(checkpoints) > 1 else run_dir.name,
                 "overrides": " ".join(f"{k}={v}" for k, v in run_params(run_dir).items()),
                 "step": step,
                 **{name: metrics[name] for name in (*METRIC_NAMES, "rows", "empty_prediction_share")},
+                "generation": generation_label(metrics["settings"]["generation"]),
                 "checkpoint": str(checkpoint),
             }
         )
         logger.info("%s: %s", checkpoint, {name: metrics[name] for name in METRIC_NAMES})
     if len(found) > 1 and rows:  # a run or sweep gets its table, also when a broken checkpoint was skipped
         (objective,) = objectives if len(objectives) == 1 else (None,)
-        write_report(rows, out_root or target, rank_by=objective if objective in METRIC_NAMES else "rouge-l")
+        report_dir = out_root or target / (options.results or "")
+        write_report(rows, report_dir, rank_by=objective if objective in METRIC_NAMES else "rouge-l")
     return rows
 
 
-def log_to_tensorboard(run_dir: Path, step: int | None, metrics: dict[str, Any]) -> None:
-    """Metrics into the run's TensorBoard logs, next to its loss curves; only for a training run's checkpoint with
-    a step (not an imported checkpoint in someone else's folder)."""
+def log_to_tensorboard(run_dir: Path, step: int | None, metrics: dict[str, Any], group: str = "eval") -> None:
+    """Metrics into the run's TensorBoard logs as ``group/rouge-1`` ... (``eval`` for the default options, the
+    results folder's name for others, so other data never joins the same curve), next to its loss curves; only for a
+    training run's checkpoint with a step (not an imported checkpoint in someone else's folder)."""
     if step is None or not (run_dir / "trainer_state.json").is_file():
         return
     from torch.utils.tensorboard import SummaryWriter  # imported here: tensorboard is slow to import
 
     with SummaryWriter(log_dir=str(run_dir / "runs" / "evaluate")) as writer:
         for name in METRIC_NAMES:
-            writer.add_scalar(f"eval/{name}", metrics[name], step)
+            writer.add_scalar(f"{group}/{name}", metrics[name], step)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from transformers import (
@@ -40,6 +40,9 @@ GENERATE_DEFAULT_TOP_K = 50  # what ``generate`` samples with when the model's g
 @dataclass(frozen=True)
 class GenerationSettings:
     max_new_tokens: int = 128
+    # with max_length: the row's prompt and answer together at most this many tokens (the reference ``main.py``'s
+    # budget, ``max_source_length + max_target_length + 1``), so a short prompt leaves room for a longer answer
+    max_length: int | None = None
     do_sample: bool = False  # greedy: the same answers (and metrics) on every run
     top_p: float = 0.7  # with do_sample: the reference recipe's values
     temperature: float = 0.95
@@ -98,7 +101,9 @@ def reference_label(tokenizer: PreTrainedTokenizerBase, response: str, max_targe
 
 
 def decode(tokenizer: PreTrainedTokenizerBase, ids: Sequence[int]) -> str:
-    return tokenizer.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=True).strip()
+    """Answer text as the reference scores it: special tokens dropped, no clean-up of spaces (the reference's
+    metrics decode without it; asking for it only makes transformers 5 warn that BPE tokenizers ignore it)."""
+    return tokenizer.decode(list(ids), skip_special_tokens=True).strip()
 
 
 def _left_padded(rows: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -275,6 +280,13 @@ def _pad_after(tensor: torch.Tensor, start: int, count: int, dim: int) -> torch.
     return torch.cat([head, tensor.new_zeros(shape), tail], dim=dim)
 
 
+def row_settings(settings: GenerationSettings, prompt: Sequence[int]) -> GenerationSettings:
+    """A row's own settings: with ``max_length``, its answer budget is what its prompt leaves (at least one token)."""
+    if settings.max_length is None:
+        return settings
+    return replace(settings, max_new_tokens=max(1, settings.max_length - len(prompt)), max_length=None)
+
+
 def generate_ids(
     loaded: LoadedModel,
     prompts: Sequence[list[int]],
@@ -288,7 +300,7 @@ def generate_ids(
     decoder = BatchDecoder(loaded)
     for start in range(0, len(order), batch_size):
         batch = order[start : start + batch_size]
-        rows = decoder.add([prompts[i] for i in batch], [settings] * len(batch))
+        rows = decoder.add([prompts[i] for i in batch], [row_settings(settings, prompts[i]) for i in batch])
         index = {id(row): i for row, i in zip(rows, batch, strict=True)}
         while decoder.rows:
             ended = [r for r in decoder.rows if r.finish or (stop is not None and stop.is_set())]
@@ -326,7 +338,8 @@ def stream_answer(
     caller's thread, a token per iteration: closing the iterator early (a client gone) or
     an exception in it (Ctrl-C) stops it at once, and ``stop`` ends it at the next token."""
     decoder = BatchDecoder(loaded)
-    [row] = decoder.add([encode_prompt(loaded, query, history)], [settings])
+    prompt = encode_prompt(loaded, query, history)
+    [row] = decoder.add([prompt], [row_settings(settings, prompt)])
     text = TextSoFar(loaded.tokenizer, row.ids)
     while True:
         sent = text.shown
@@ -375,4 +388,4 @@ class TextSoFar:
     def _decode(self, ids: Sequence[int]) -> str:
         if not ids:
             return ""
-        return self.tokenizer.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=True)
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)

@@ -90,7 +90,8 @@ def parallel_thread_cap(launcher: DictConfig, cores: int) -> tuple[int, str] | N
 
     Jobs side by side that each use every core slow each other down several times (threads wait on each other),
     so each gets its share: cores / jobs at once under joblib; the CPUs asked for per task under submitit (what
-    SLURM grants a task; submitit's local executor runs every job at once) and under Ray.
+    SLURM grants a task; submitit's local executor runs every job at once, so one thread each when it is null) and
+    under Ray.
     """
     target = str(launcher.get("_target_", ""))
     if target.endswith("JoblibLauncher"):
@@ -99,6 +100,9 @@ def parallel_thread_cap(launcher: DictConfig, cores: int) -> tuple[int, str] | N
         return max(1, cores // at_once), f"{cores} cores / hydra.launcher.n_jobs={n_jobs}"
     if "submitit" in target and launcher.get("cpus_per_task"):
         return int(launcher.cpus_per_task), f"hydra.launcher.cpus_per_task={launcher.cpus_per_task}"
+    if target.endswith("submitit_launcher.LocalLauncher"):  # cpus_per_task null: every job starts at once, as
+        # joblib's n_jobs=-1 (how many is not known inside a job), so each gets one core's share
+        return 1, f"submitit_local starts every job at once and hydra.launcher.cpus_per_task is null ({cores} cores)"
     if target.endswith("RayLauncher") and launcher.ray.remote.get("num_cpus"):
         return int(launcher.ray.remote.num_cpus), f"hydra.launcher.ray.remote.num_cpus={launcher.ray.remote.num_cpus}"
     return None

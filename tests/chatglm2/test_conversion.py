@@ -422,3 +422,21 @@ def test_import_ptuning_refuses_checkpoints_of_another_shape(original, tmp_path,
     fine = {"pre_seq_len": 8, "prefix_projection": False}
     ckpt = _original_ptuning_checkpoint(tmp_path / "fine", config, table, fine)
     assert cli(["import-ptuning", str(ckpt), "--base", str(folder), "--out", str(tmp_path / "fine-out")]) == 0
+
+
+def test_answers_decode_without_the_clean_up_transformers_ignores(tmp_path):
+    """Issue 19.13: decoding an answer asks for no clean_up_tokenization_spaces, which transformers 5 ignores for
+    this BPE tokenizer with a warning on every evaluation; the text is what the reference scores."""
+    model, _ = sentencepiece_model(tmp_path)
+    script = (
+        "from ptune.chatglm2.tokenizer import build_chatglm2_tokenizer\n"
+        "from ptune.inference.generation import TextSoFar, decode\n"
+        f"tok = build_chatglm2_tokenizer({str(model)!r})\n"
+        "ids = tok('这款裙子 , 很好看 !', add_special_tokens=False)['input_ids']\n"
+        "text = TextSoFar(tok, list(ids)).update()\n"
+        "reference = tok.decode(ids, skip_special_tokens=True).strip()\n"
+        "assert decode(tok, ids) == reference == text, (decode(tok, ids), text)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "clean_up_tokenization_spaces" not in done.stderr, done.stderr[-2000:]

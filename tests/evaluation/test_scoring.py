@@ -85,6 +85,7 @@ def test_run_folder_gives_table_and_plot(trained_run, tmp_path):
     assert [r["step"] for r in rows] == [15, 30]
     table = (tmp_path / "eval_results.md").read_text()
     assert "| run | overrides | step | rouge-1" in table and table.count("\n") == 4
+    assert "| generation |" in table and "| greedy, prompt + answer <= 193 tokens |" in table  # what produced it
     assert (tmp_path / "eval_results.csv").read_text().count("\n") == 3
     assert (tmp_path / PLOT_FILE).read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "checkpoint-15" / METRICS_FILE).exists()
@@ -105,7 +106,7 @@ def test_sweep_folder(trained_run, tmp_path):
         ("1", 1, "prefix.length=4"),
         ("1", 2, "prefix.length=4"),
     ]
-    assert (sweep / "eval_results.csv").exists() and (sweep / PLOT_FILE).exists()
+    assert (results_in(sweep) / "eval_results.csv").exists() and (results_in(sweep) / PLOT_FILE).exists()
 
 
 def test_predictions_only_and_a_bad_line(tmp_path):
@@ -193,7 +194,7 @@ def test_checkpoints_not_named_checkpoint_n(trained_run, tmp_path):
     """`ptune import-ptuning` writes checkpoint-3000-ptune (no trainer state); a copy named `best` has no number."""
     imported = _copy_checkpoint(trained_run / "checkpoint-15", tmp_path / "checkpoint-3000-ptune", keep_state=False)
     rows = evaluate_target(evaluate_cfg(f"checkpoint={imported}", "max_samples=2"))
-    assert rows[0]["step"] == 3000 and (imported / METRICS_FILE).exists()
+    assert rows[0]["step"] == 3000 and (results_in(imported) / METRICS_FILE).exists()
     best = _copy_checkpoint(trained_run / "checkpoint-30", tmp_path / "run" / "best", keep_state=False)
     assert evaluate_target(evaluate_cfg(f"checkpoint={best}", "max_samples=2"))[0]["step"] is None
     _copy_checkpoint(trained_run / "checkpoint-15", tmp_path / "run" / "checkpoint-15")  # step from trainer state
@@ -202,7 +203,7 @@ def test_checkpoints_not_named_checkpoint_n(trained_run, tmp_path):
         (-1, str(best)),
         (15, str(tmp_path / "run" / "checkpoint-15")),
     ]
-    assert "| run | overrides | step |" in (tmp_path / "run" / "eval_results.md").read_text()
+    assert "| run | overrides | step |" in (results_in(tmp_path / "run") / "eval_results.md").read_text()
 
 
 def test_staging_folders_are_never_checkpoints(trained_run, tmp_path):
@@ -245,3 +246,105 @@ def test_progress_bar_and_metrics_rounded_to_four_places(trained_run, tmp_path, 
     logged = re.findall(r"'rouge-1': ([\d.]+)", caplog.text)
     assert logged and all(_decimals(float(v)) <= 4 for v in logged)
     assert [r["rouge-l"] for r in rows] == [round(r["rouge-l"], 4) for r in rows]
+
+
+def results_in(folder):
+    """The one ``eval-ID`` results folder the evaluator made in ``folder`` for non-default options."""
+    (found,) = folder.glob("eval-*")
+    return found
+
+
+def tensorboard_steps(run, tag: str) -> list[int]:
+    from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
+
+    logs = EventMultiplexer().AddRunsFromDirectory(str(run / "runs" / "evaluate")).Reload()
+    return [event.step for name in logs.Runs() if tag in logs.GetAccumulator(name).Tags()["scalars"]
+            for event in logs.Scalars(name, tag)]  # fmt: skip
+
+
+def test_already_scored_covers_the_base_settings(trained_run, tmp_path, monkeypatch):
+    """Issue 19.14: the same folder scored again with another dtype or quantization is regenerated, not answered
+    from the earlier settings; metrics.json's settings show base, config hash, dtype, quantization, generation."""
+    out, checkpoint = tmp_path / "out", f"checkpoint={trained_run / 'checkpoint-30'}"
+    plain = evaluate_target(evaluate_cfg(checkpoint, f"output_dir={out}", "max_samples=4"))[0]
+    settings = json.loads((out / METRICS_FILE).read_text())["settings"]
+    assert (settings["base"], settings["dtype"], settings["quantization"]) == (
+        str(REPO / "models/tiny-glm"),
+        "float32",
+        None,
+    )
+    assert len(settings["base_config_sha256"]) == 64 and settings["generation"]["do_sample"] is False
+    generated = []
+    real = evaluation.generate_ids
+    monkeypatch.setattr(evaluation, "generate_ids", lambda *a, **k: generated.append(1) or real(*a, **k))
+    for override, key, value in (
+        ("model.quantization=int8", "quantization", "int8"),
+        ("model.dtype=bfloat16", "dtype", "bfloat16"),
+    ):
+        evaluate_target(evaluate_cfg(checkpoint, f"output_dir={out}", "max_samples=4", override))
+        assert json.loads((out / METRICS_FILE).read_text())["settings"][key] == value
+    assert len(generated) == 2  # neither was "already scored"
+    again = evaluate_target(evaluate_cfg(checkpoint, f"output_dir={out}", "max_samples=4"))[0]
+    assert len(generated) == 3 and again["rouge-l"] == plain["rouge-l"]  # back to fp32: regenerated, same numbers
+
+
+def test_results_on_other_data_or_settings_never_replace_others(trained_run, tmp_path):
+    """Issue 19.15: the checkpoint's own dev set and other data each keep their metrics and predictions."""
+    run = tmp_path / "run"
+    _copy_checkpoint(trained_run / "checkpoint-15", run / "checkpoint-15")
+    _copy_checkpoint(trained_run / "checkpoint-30", run / "checkpoint-30")
+    own = evaluate_target(evaluate_cfg(f"checkpoint={run}", "max_samples=null", "batch_size=32"))
+    own_metrics = (run / "checkpoint-30" / METRICS_FILE).read_text()
+    own_table = (run / "eval_results.md").read_text()
+    other = tmp_path / "other"
+    other.mkdir()
+    rows = [json.loads(x) for x in (REPO / "data/synthetic_adgen/dev.json").read_text("utf-8").splitlines()[-5:]]
+    (other / "dev.json").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), "utf-8")
+    evaluate_target(
+        evaluate_cfg(f"checkpoint={run}", "dataset=advertisegen", f"dataset.dir={other}", "max_samples=null")
+    )
+    assert (run / "checkpoint-30" / METRICS_FILE).read_text() == own_metrics  # untouched
+    assert (run / "eval_results.md").read_text() == own_table
+    elsewhere = results_in(run / "checkpoint-30")
+    assert json.loads((elsewhere / METRICS_FILE).read_text())["settings"]["data"] == str(other / "dev.json")
+    assert len((elsewhere / PREDICTIONS_FILE).read_text().splitlines()) == 5
+    assert (
+        results_in(run).name == elsewhere.name
+        and (elsewhere.parent.parent / elsewhere.name / "eval_results.md").exists()
+    )
+    assert [r["rows"] for r in own] == [200, 200]
+
+
+def test_tensorboard_gets_each_scored_step_once(trained_run, tmp_path):
+    """Issue 19.16: evaluating a run again (already scored) logs nothing more."""
+    run = tmp_path / "run"
+    for step in (15, 30):
+        _copy_checkpoint(trained_run / f"checkpoint-{step}", run / f"checkpoint-{step}")
+    shutil.copy(trained_run / "trainer_state.json", run / "trainer_state.json")
+    for _ in range(2):
+        evaluate_target(evaluate_cfg(f"checkpoint={run}", "max_samples=null", "batch_size=32"))
+    assert sorted(tensorboard_steps(run, "eval/rouge-1")) == [15, 30]
+
+
+def test_default_budget_is_the_references_and_the_reference_preset_samples(trained_run, tmp_path):
+    """Issue 19.12: by default prompt + answer get max_source_length + max_target_length + 1 tokens, as the
+    reference main.py's max_length (greedy); generation=reference samples within it with the reference's values."""
+    loaded = load_checkpoint(trained_run / "checkpoint-30")
+    settings = evaluation.generation_settings(loaded, {})
+    assert settings.max_length == loaded.max_source_length + loaded.max_target_length + 1 and not settings.do_sample
+    assert evaluation.generation_settings(loaded, {"max_new_tokens": 5}).max_length is None  # a fixed cap if asked
+    examples = load_eval_set(loaded.metadata["config"]["dataset"], 6).examples
+    prompts = [encode_prompt(loaded, ex.prompt, ex.history) for ex in examples]
+    budget = GenerationSettings(max_length=max(len(p) for p in prompts) + 3)
+    batched = dict(generate_ids(loaded, prompts, budget, batch_size=6))
+    for i, prompt in enumerate(prompts):  # each row gets what its own prompt leaves, batched or alone
+        alone = GenerationSettings(max_new_tokens=budget.max_length - len(prompt))
+        assert batched[i] == next(generate_ids(loaded, [prompt], alone, batch_size=1))[1]
+    assert len({len(ids) for ids in batched.values()}) > 1
+
+    reference = [f"checkpoint={trained_run / 'checkpoint-30'}", f"output_dir={tmp_path}", "generation=reference"]
+    cfg = evaluate_cfg(*reference)
+    assert (cfg.generation.do_sample, cfg.generation.top_p, cfg.generation.temperature) == (True, 0.7, 0.95)
+    first = evaluate_target(cfg)[0]
+    assert first["generation"] == "sampled (top_p 0.7, temperature 0.95, seed 42), prompt + answer <= 193 tokens"
+    assert evaluate_target(evaluate_cfg(*reference, "force=true"))[0]["rouge-l"] == first["rouge-l"]  # seeded

@@ -133,6 +133,9 @@ def test_thread_cap_follows_the_launcher_unless_torch_threads_is_set(restore_thr
     assert sweeps.parallel_thread_cap(joblib, 16)[0] == 1
     submitit = multirun_hydra_config("hydra/launcher=slurm_gpu").hydra.launcher
     assert sweeps.parallel_thread_cap(submitit, 64)[0] == 8  # the preset's cpus_per_task
+    local = multirun_hydra_config("hydra/launcher=submitit_local").hydra.launcher  # cpus_per_task null
+    threads, why = sweeps.parallel_thread_cap(local, 16)
+    assert threads == 1 and "cpus_per_task is null" in why  # issue 19.18: capped like joblib's n_jobs=-1, logged
     assert sweeps.parallel_thread_cap(multirun_hydra_config().hydra.launcher, 16) is None  # basic: one at a time
 
     HydraConfig.instance().set_config(multirun_hydra_config("hydra/launcher=joblib", "hydra.launcher.n_jobs=2"))

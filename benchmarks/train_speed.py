@@ -91,7 +91,7 @@ PTUNE_BEST = {
     "pack_length": 256,  # dataset.pack_length: each micro-batch of 8 rows packed into 256-token sequences
     "sampling": "random",  # trainer.train_sampling_strategy: mixed lengths pack better than length-sorted ones
     "pad_to_multiple_of": 32,  # dataset.pad_to_multiple_of: labelled positions per loss call rounded to 32
-    "checkpointing": True,  # trainer.activation_checkpointing: 8 rows' activations at once, not one row's
+    "checkpointing": "auto",  # trainer.activation_checkpointing: off where the activations fit the load's peak
     "eval_batch": 32,  # trainer.per_device_eval_batch_size: eval rows per (packed) batch
 }
 # The settings before packing and the chunked loss (benchmarks/README.md, 2026-11-23), for --ablations.
@@ -118,7 +118,9 @@ ABLATIONS = {
     "packed 4 x 4 (micro-batch 4, accumulation 4)": {"micro_batch": 4},
     "packed, length-grouped order": {"sampling": "group_by_length"},
     "fp32 base (model.dtype=float32)": {"dtype": "float32"},
+    "activation checkpointing on (the previous preset)": {"checkpointing": True},
     "no activation checkpointing": {"checkpointing": False},
+    "SDPA's own kernel in training (the CPU flash kernel's backward)": {"math_attention": False},
     "no malloc_trim (ptune.utils.memory off)": {"release_memory": False},
 }
 
@@ -409,6 +411,8 @@ def run_worker(args: argparse.Namespace) -> None:
 
         if not settings.get("chunked_loss", True):
             ptune.model.prefix.CHUNKED_LOSS_MODELS = frozenset()  # ablation: transformers' head on the labelled span
+        if not settings.get("math_attention", True):
+            ptune.model.prefix.CPU_TRAINING_SDPA = None  # ablation: SDPA picks its kernel in training too
         if not settings.get("release_memory", True):
             ptune.utils.memory._malloc_trim = lambda: None  # ablation: freed heap memory stays with the process
 

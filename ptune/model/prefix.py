@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -33,6 +34,13 @@ ATTN_IMPLEMENTATION = "ptune_sdpa"
 # Causal LMs whose logits are exactly ``lm_head(decoder(...).last_hidden_state)`` (no soft-capping or scaling):
 # their loss goes through ptune.model.chunked_loss. Others keep transformers' head and loss on the labelled positions.
 CHUNKED_LOSS_MODELS = frozenset({"glm", "glm4", "llama", "mistral", "qwen2", "qwen3"})
+# SDPA kernels for attention that needs gradients on a CPU. With a mask (always, once the prefix is prepended) SDPA
+# picks the CPU flash kernel, whose backward pass measured 9x slower than the math kernel's (bf16, the packed rows of
+# benchmarks/train_speed.py: 0.91 s against 0.10 s per layer on the wide shape, 0.23 s against 0.035 s on the
+# default one, 2026-12-07); the math kernel keeps the attention probabilities for backward instead (counted by
+# ptune.training.estimate). Forward only (evaluation, generation) keeps SDPA's own choice: the flash kernel is the
+# faster one there. None: SDPA's own choice everywhere.
+CPU_TRAINING_SDPA: list[SDPBackend] | None = [SDPBackend.MATH]
 
 
 @dataclass(frozen=True)
@@ -140,7 +148,15 @@ def prefix_sdpa_attention(module, query, key, value, attention_mask, **kwargs):
     if active is not None and active.kv is not None:
         key, value, attention_mask = _prepend_prefix(active.kv[module.layer_idx], query, key, value, attention_mask)
         kwargs.pop("is_causal", None)
+    if CPU_TRAINING_SDPA and _cpu_backward(query, key, value):
+        with sdpa_kernel(CPU_TRAINING_SDPA):
+            return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def _cpu_backward(*tensors: torch.Tensor) -> bool:
+    """Whether this attention call runs on a CPU and records a backward pass (training, or its recompute)."""
+    return tensors[0].device.type == "cpu" and torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 AttentionInterface.register(ATTN_IMPLEMENTATION, prefix_sdpa_attention)

@@ -1,0 +1,73 @@
+"""``trainer.activation_checkpointing=auto``: off when the estimated activations fit the room, on when not."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import ptune.training.activation_checkpointing as auto_module
+from ptune.training.activation_checkpointing import memory_room, micro_batch_shape
+from ptune.training.estimate import ModelShape, math_attention_bytes
+from ptune.training.recipe import build_trainer
+from ptune.utils.memory import release_free_memory
+
+
+@pytest.mark.parametrize(("room", "expected"), [(2**40, False), (0, True)])
+def test_auto_turns_checkpointing_off_only_when_the_activations_fit(fast_cfg, tmp_path, monkeypatch, room, expected):
+    monkeypatch.setattr(auto_module, "memory_room", lambda device, model: room)
+    cfg = fast_cfg("trainer.activation_checkpointing=auto", "max_steps=2")
+    trainer = build_trainer(cfg, str(tmp_path / "run"))
+    assert trainer.args.activation_checkpointing is expected
+    trainer.train()  # the trainer turns the model's checkpointing on (or not) from the resolved argument
+    assert trainer.model.base.is_activation_checkpointing is expected
+
+
+def test_explicit_values_are_kept_and_others_refused(fast_cfg, tmp_path, monkeypatch):
+    monkeypatch.setattr(auto_module, "memory_room", lambda device, model: 2**40)
+    trainer = build_trainer(fast_cfg("trainer.activation_checkpointing=true"), str(tmp_path / "run"))
+    assert trainer.args.activation_checkpointing is True  # true stays true however much room there is
+    with pytest.raises(ValueError, match=r"trainer.activation_checkpointing='sometimes': use true, false or auto"):
+        build_trainer(fast_cfg("trainer.activation_checkpointing=sometimes"), str(tmp_path / "run2"))
+
+
+def test_the_largest_micro_batch_is_packed_as_the_collator_packs():
+    lengths = [50, 120, 90, 130, 70, 60, 140, 30, 100]
+    # the 4 longest (140, 130, 120, 100) in bins of 256: 140 + 100, 130 + 120 -> 2 sequences of 256
+    assert micro_batch_shape(lengths, 4, 256, None) == (2, 256)
+    assert micro_batch_shape(lengths, 4, 128, None) == (4, 140)  # rows longer than the bin stay alone, widen it
+    assert micro_batch_shape(lengths, 4, None, 32) == (4, 160)  # unpacked: padded to the longest, rounded up
+    assert micro_batch_shape(lengths, 2, None, None) == (2, 140)
+
+
+def test_cpu_room_is_what_the_process_held_and_gave_back():
+    held = 256 * 2**20
+    block = torch.ones(held // 4)  # touched: resident, so the peak includes it
+    before = memory_room(torch.device("cpu"), torch.nn.Module())
+    del block
+    assert release_free_memory()
+    after = memory_room(torch.device("cpu"), torch.nn.Module())
+    assert after - before >= 0.9 * held
+
+
+def test_math_attention_bytes_is_what_the_math_kernel_keeps():
+    """The fp32 tensors SDPA's math kernel saves for backward on a CPU with bf16 inputs (as
+    ``torch.autograd.graph.saved_tensors_hooks`` records them) match the estimate's formula."""
+    config = {"model_type": "llama", "num_hidden_layers": 1, "hidden_size": 64, "num_attention_heads": 4}
+    config |= {"num_key_value_heads": 4, "intermediate_size": 128, "vocab_size": 97}
+    shape = ModelShape.from_config(config)
+    batch, seq, prefix = 3, 20, 7
+    q = torch.randn(batch, 4, seq, 16, dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.randn(batch, 4, prefix + seq, 16, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    mask = torch.ones(batch, 1, seq, prefix + seq, dtype=torch.bool)
+    saved: dict[int, int] = {}
+
+    def keep(t: torch.Tensor) -> torch.Tensor:
+        if t.dtype == torch.float32:  # the math kernel's own copies (a storage counted once)
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t), sdpa_kernel([SDPBackend.MATH]):
+        F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert sum(saved.values()) == math_attention_bytes(shape, batch, seq, prefix)

@@ -34,13 +34,20 @@ ATTN_IMPLEMENTATION = "ptune_sdpa"
 # Causal LMs whose logits are exactly ``lm_head(decoder(...).last_hidden_state)`` (no soft-capping or scaling):
 # their loss goes through ptune.model.chunked_loss. Others keep transformers' head and loss on the labelled positions.
 CHUNKED_LOSS_MODELS = frozenset({"glm", "glm4", "llama", "mistral", "qwen2", "qwen3"})
-# SDPA kernels for attention that needs gradients on a CPU. With a mask (always, once the prefix is prepended) SDPA
-# picks the CPU flash kernel, whose backward pass measured 9x slower than the math kernel's (bf16, the packed rows of
+# SDPA kernels for bf16/fp16 attention that needs gradients on a CPU without native kernels for that dtype (no
+# AVX512-class oneDNN support, e.g. an AVX2-only CPU). With a mask (always, once the prefix is prepended) SDPA picks
+# the CPU flash kernel, whose blocks then go through the emulated half-precision gemm: its backward measured 9x
+# slower than the math kernel's, which computes in fp32 (bf16 on an AVX2 EPYC, the packed rows of
 # benchmarks/train_speed.py: 0.91 s against 0.10 s per layer on the wide shape, 0.23 s against 0.035 s on the
-# default one, 2026-12-07); the math kernel keeps the attention probabilities for backward instead (counted by
-# ptune.training.estimate). Forward only (evaluation, generation) keeps SDPA's own choice: the flash kernel is the
-# faster one there. None: SDPA's own choice everywhere.
+# default one, 2026-12-07); the math kernel keeps fp32 probabilities for backward instead (counted by
+# ptune.training.estimate). On CPUs with native bf16 kernels, in fp32, and forward only (evaluation, generation)
+# SDPA keeps its own choice. None: SDPA's own choice everywhere.
 CPU_TRAINING_SDPA: list[SDPBackend] | None = [SDPBackend.MATH]
+# Whether oneDNN has native (AVX512-class) CPU kernels for the dtype.
+HALF_SUPPORT = {
+    torch.bfloat16: torch.ops.mkldnn._is_mkldnn_bf16_supported,
+    torch.float16: torch.ops.mkldnn._is_mkldnn_fp16_supported,
+}
 
 
 @dataclass(frozen=True)
@@ -148,15 +155,16 @@ def prefix_sdpa_attention(module, query, key, value, attention_mask, **kwargs):
     if active is not None and active.kv is not None:
         key, value, attention_mask = _prepend_prefix(active.kv[module.layer_idx], query, key, value, attention_mask)
         kwargs.pop("is_causal", None)
-    if CPU_TRAINING_SDPA and _cpu_backward(query, key, value):
+    records_backward = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+    if records_backward and query.device.type == "cpu" and math_kernel_in_cpu_training(query.dtype):
         with sdpa_kernel(CPU_TRAINING_SDPA):
             return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
-def _cpu_backward(*tensors: torch.Tensor) -> bool:
-    """Whether this attention call runs on a CPU and records a backward pass (training, or its recompute)."""
-    return tensors[0].device.type == "cpu" and torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+def math_kernel_in_cpu_training(dtype: torch.dtype) -> bool:
+    """Whether CPU training attention in ``dtype`` runs in :data:`CPU_TRAINING_SDPA` (see there)."""
+    return bool(CPU_TRAINING_SDPA) and dtype in HALF_SUPPORT and not HALF_SUPPORT[dtype]()
 
 
 AttentionInterface.register(ATTN_IMPLEMENTATION, prefix_sdpa_attention)

@@ -1,5 +1,6 @@
-"""CPU training attention in SDPA's math kernel (ptune.model.prefix.CPU_TRAINING_SDPA): which kernel runs when,
-and that packed rows still give the loss and prefix gradients of the unpacked rows under SDPA's own kernel."""
+"""CPU training attention in SDPA's math kernel where the CPU has no native bf16/fp16 kernels
+(ptune.model.prefix.CPU_TRAINING_SDPA): which kernel runs when, and that packed rows still give the loss and prefix
+gradients of the unpacked rows under SDPA's own kernel."""
 
 from __future__ import annotations
 
@@ -21,13 +22,16 @@ def kernels(run) -> set[str]:
     return {event.key for event in prof.key_averages()}
 
 
-def test_cpu_training_uses_the_math_kernel_and_inference_the_flash_kernel():
+@pytest.mark.parametrize("native_bf16", [False, True])
+def test_bf16_cpu_training_uses_the_math_kernel_only_without_native_bf16(native_bf16, monkeypatch):
+    monkeypatch.setitem(prefix_module.HALF_SUPPORT, torch.bfloat16, lambda: native_bf16)
     model = build("glm").train()
+    model.base.to(torch.bfloat16)  # the frozen base in bf16, the prefix stays fp32 (as model.dtype=bfloat16)
     rows = PackingCollator(13, pad_token_id=0)(rows_of([7, 5, 9, 3]))
     trained = kernels(lambda: model(**rows).loss.backward())
-    assert "aten::_scaled_dot_product_attention_math" in trained
-    assert FLASH_FORWARD not in trained and FLASH_BACKWARD not in trained
-    with torch.no_grad():
+    assert ("aten::_scaled_dot_product_attention_math" in trained) is not native_bf16
+    assert (FLASH_BACKWARD in trained) is native_bf16
+    with torch.no_grad():  # forward only: SDPA's own (flash) kernel either way
         inferred = kernels(lambda: model.eval()(**rows))
     assert FLASH_FORWARD in inferred and "aten::_scaled_dot_product_attention_math" not in inferred
 
@@ -43,7 +47,9 @@ def loss_and_grads(model, call, **inputs):
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_packed_rows_in_the_math_kernel_equal_unpacked_rows_in_sdpas_own(arch, kv_heads, checkpointing, monkeypatch):
     """The reference is computed with SDPA's own kernel choice (the flash kernel on CPU), the unpacked rows padded
-    to the longest through the base's full logits; the packed rows then run in the math kernel."""
+    to the longest through the base's full logits; the packed rows then run in the math kernel (here in fp32, as if
+    fp32 had no native kernel, so that the two kernels can be compared at fp32 precision)."""
+    monkeypatch.setitem(prefix_module.HALF_SUPPORT, torch.float32, lambda: False)
     model = build(arch, kv_heads, projection=True).train()
     if checkpointing:
         model.activation_checkpointing_enable()
@@ -60,6 +66,7 @@ def test_packed_rows_in_the_math_kernel_equal_unpacked_rows_in_sdpas_own(arch, k
             model, model.base, input_ids=ids, attention_mask=mask, labels=labels, num_items_in_batch=num_items
         )
     packed = PackingCollator(13, pad_token_id=0)(rows)
+    assert "aten::_scaled_dot_product_attention_math" in kernels(lambda: model(**packed).loss.backward())
     loss, grads = loss_and_grads(model, model, **packed, num_items_in_batch=num_items)
     torch.testing.assert_close(loss, plain)
     assert plain_grads.keys() == grads.keys()

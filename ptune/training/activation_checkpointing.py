@@ -6,8 +6,8 @@ memory is often reached while the base model loads (the fp16 checkpoint is conve
 activations that fit in what the load already held, and gave back, raise no peak at all. So ``auto`` turns
 checkpointing off when ``ptune.training.estimate`` says the activations of the largest micro-batch fit:
 
-- on a CPU, in the headroom between the process's peak resident memory so far (``ru_maxrss``: loading included)
-  and its resident memory now (after the load's freed buffers went back: ``ptune.utils.memory``), so that training
+- on a CPU, in the headroom between the process's peak resident memory so far (VmHWM: loading included) and
+  its resident memory now (after the load's freed buffers went back: ``ptune.utils.memory``), so that training
   without checkpointing stays under the peak the run has reached anyway;
 - on a GPU, in the free device memory less a quarter (the caching allocator's slack and transient buffers), less
   the base's weights still to be moved there.
@@ -19,8 +19,6 @@ The largest micro-batch is taken from the training rows: the ``per_device_train_
 from __future__ import annotations
 
 import logging
-import resource
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -59,17 +57,20 @@ def memory_room(device: torch.device, model: nn.Module) -> int:
         free, _total = torch.cuda.mem_get_info(device)
         pending = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()) if t.is_cpu)
         return max(0, int(free * (1 - GPU_SLACK)) - pending)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-    return max(0, peak - resident_bytes())
+    peak, now = resident_peak_and_now()
+    return max(0, peak - now)
 
 
-def resident_bytes() -> int:
-    """The process's resident memory now (Linux ``/proc/self/statm``); elsewhere its peak, i.e. no room: ``auto``
-    keeps checkpointing on."""
-    statm = Path("/proc/self/statm")
-    if not statm.is_file():
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return int(statm.read_text().split()[1]) * resource.getpagesize()
+def resident_peak_and_now() -> tuple[int, int]:
+    """The process's peak and current resident bytes (Linux ``/proc/self/status`` VmHWM / VmRSS: this program's own
+    peak, unlike ``ru_maxrss``, which also holds the parent's resident size at the fork). Elsewhere (0, 0): no room,
+    so ``auto`` keeps checkpointing on."""
+    status = Path("/proc/self/status")
+    if not status.is_file():
+        return 0, 0
+    fields = dict(line.split(":", 1) for line in status.read_text().splitlines() if ":" in line)
+    kib = {name: int(fields[name].split()[0]) * 1024 for name in ("VmHWM", "VmRSS") if name in fields}
+    return kib.get("VmHWM", 0), kib.get("VmRSS", 0)
 
 
 def resolve_activation_checkpointing(

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -49,6 +52,18 @@ def test_cpu_room_is_what_the_process_held_and_gave_back():
     assert release_free_memory()
     after = memory_room(torch.device("cpu"), torch.nn.Module())
     assert after - before >= 0.9 * held
+
+
+def test_cpu_room_does_not_count_the_parent_process():
+    """A run started from a large process (a sweep launcher, a notebook) has no room from the parent's memory:
+    ``ru_maxrss`` would include the parent's resident size at the fork, the program's own peak does not."""
+    held = torch.ones(512 * 2**20 // 4)  # the parent: 512 MB resident
+    code = (
+        "import torch; from ptune.training.activation_checkpointing import memory_room; "
+        "print(memory_room(torch.device('cpu'), torch.nn.Module()))"
+    )
+    room = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert held.sum() > 0 and room < 256 * 2**20
 
 
 def test_math_attention_bytes_is_what_the_math_kernel_keeps():

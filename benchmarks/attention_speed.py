@@ -8,8 +8,7 @@ itself only (the block-diagonal mask), the shapes of benchmarks/train_speed.py (
 key/value groups; ``default``: 8 heads x 64). Variants:
 
 - ``SDPA's own kernel``: what transformers calls (key/value heads repeated, boolean mask): the flash kernel on CPU;
-- ``math kernel``: the same call under ``sdpa_kernel(SDPBackend.MATH)`` (ptune's CPU training attention where the
-  CPU has no native kernels for the dtype: ``ptune.model.prefix.CPU_TRAINING_SDPA``);
+- ``math kernel``: the same call under ``sdpa_kernel(SDPBackend.MATH)`` (on a CPU it computes in fp32);
 - ``GQA, no repeat``: ``enable_gqa=True`` instead of repeating the key/value heads;
 - ``per packed row``: one SDPA call per row, over the prefix and that row only (no work on masked blocks).
 

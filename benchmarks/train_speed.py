@@ -120,7 +120,6 @@ ABLATIONS = {
     "fp32 base (model.dtype=float32)": {"dtype": "float32"},
     "activation checkpointing on (the previous preset)": {"checkpointing": True},
     "no activation checkpointing": {"checkpointing": False},
-    "SDPA's own kernel in training (the CPU flash kernel's backward)": {"math_attention": False},
     "no malloc_trim (ptune.utils.memory off)": {"release_memory": False},
 }
 
@@ -411,8 +410,6 @@ def run_worker(args: argparse.Namespace) -> None:
 
         if not settings.get("chunked_loss", True):
             ptune.model.prefix.CHUNKED_LOSS_MODELS = frozenset()  # ablation: transformers' head on the labelled span
-        if not settings.get("math_attention", True):
-            ptune.model.prefix.CPU_TRAINING_SDPA = None  # ablation: SDPA picks its kernel in training too
         if not settings.get("release_memory", True):
             ptune.utils.memory._malloc_trim = lambda: None  # ablation: freed heap memory stays with the process
 

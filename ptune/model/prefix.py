@@ -22,7 +22,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -34,20 +33,6 @@ ATTN_IMPLEMENTATION = "ptune_sdpa"
 # Causal LMs whose logits are exactly ``lm_head(decoder(...).last_hidden_state)`` (no soft-capping or scaling):
 # their loss goes through ptune.model.chunked_loss. Others keep transformers' head and loss on the labelled positions.
 CHUNKED_LOSS_MODELS = frozenset({"glm", "glm4", "llama", "mistral", "qwen2", "qwen3"})
-# SDPA kernels for bf16/fp16 attention that needs gradients on a CPU without native kernels for that dtype (no
-# AVX512-class oneDNN support, e.g. an AVX2-only CPU). With a mask (always, once the prefix is prepended) SDPA picks
-# the CPU flash kernel, whose blocks then go through the emulated half-precision gemm: its backward measured 9x
-# slower than the math kernel's, which computes in fp32 (bf16 on an AVX2 EPYC, the packed rows of
-# benchmarks/train_speed.py: 0.91 s against 0.10 s per layer on the wide shape, 0.23 s against 0.035 s on the
-# default one, 2026-12-07); the math kernel keeps fp32 probabilities for backward instead (counted by
-# ptune.training.estimate). On CPUs with native bf16 kernels, in fp32, and forward only (evaluation, generation)
-# SDPA keeps its own choice. None: SDPA's own choice everywhere.
-CPU_TRAINING_SDPA: list[SDPBackend] | None = [SDPBackend.MATH]
-# Whether oneDNN has native (AVX512-class) CPU kernels for the dtype.
-HALF_SUPPORT = {
-    torch.bfloat16: torch.ops.mkldnn._is_mkldnn_bf16_supported,
-    torch.float16: torch.ops.mkldnn._is_mkldnn_fp16_supported,
-}
 
 
 @dataclass(frozen=True)
@@ -155,16 +140,7 @@ def prefix_sdpa_attention(module, query, key, value, attention_mask, **kwargs):
     if active is not None and active.kv is not None:
         key, value, attention_mask = _prepend_prefix(active.kv[module.layer_idx], query, key, value, attention_mask)
         kwargs.pop("is_causal", None)
-    records_backward = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
-    if records_backward and query.device.type == "cpu" and math_kernel_in_cpu_training(query.dtype):
-        with sdpa_kernel(CPU_TRAINING_SDPA):
-            return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-
-
-def math_kernel_in_cpu_training(dtype: torch.dtype) -> bool:
-    """Whether CPU training attention in ``dtype`` runs in :data:`CPU_TRAINING_SDPA` (see there)."""
-    return bool(CPU_TRAINING_SDPA) and dtype in HALF_SUPPORT and not HALF_SUPPORT[dtype]()
 
 
 AttentionInterface.register(ATTN_IMPLEMENTATION, prefix_sdpa_attention)

@@ -29,8 +29,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from ptune.data.packing import pack_rows
-from ptune.model.prefix import math_kernel_in_cpu_training
-from ptune.training.estimate import ModelShape, activation_bytes, math_attention_bytes
+from ptune.training.estimate import ModelShape, activation_bytes
 
 logger = logging.getLogger(__name__)
 MB = 2**20
@@ -88,8 +87,6 @@ def resolve_activation_checkpointing(
     shape = ModelShape.from_config(base.config.to_dict())
     prefix = cfg.prefix.length
     need = activation_bytes(shape, sequences, seq, prefix, checkpointing=False)
-    if device.type == "cpu" and math_kernel_in_cpu_training(base.dtype):  # it keeps fp32 probabilities
-        need += shape.layers * math_attention_bytes(shape, sequences, seq, prefix)
     room = memory_room(device, base)
     keep = need > room
     logger.info(

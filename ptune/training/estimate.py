@@ -29,8 +29,7 @@ each matmul)):
   kept for backward, and, alive at the loss, one chunk's logits in the compute dtype, their fp32 copy turned into
   the softmax in place, and its cast back.
   Attention goes through SDPA with a fused kernel (flash / memory-efficient on GPU): no B x nh x S x K score matrix
-  is kept; the math kernel would add about 3 B nh S K b per layer (shown in the notes). Training on a CPU runs the
-  math kernel (ptune.model.prefix.CPU_TRAINING_SDPA), in fp32: ``math_attention_bytes`` counts what it keeps.
+  is kept; the math kernel would add about 3 B nh S K b per layer (shown in the notes).
   Gradient checkpointing (every layer): each layer keeps only its input, T H b, and the backward pass recomputes
   one layer at a time, so one layer's full set is added once; the output side is not checkpointed.
 Not counted: the CUDA context (~0.5-1 GiB), cuBLAS workspaces, the caching allocator's slack/fragmentation, a
@@ -208,15 +207,6 @@ def layer_activation_bytes(shape: ModelShape, batch: int, seq: int, prefix: int,
     mask = batch * seq * keys * b
     mlp = 3 * tokens * shape.ffn * b
     return norms + query_and_output + logsumexp + keys_values + mask + mlp
-
-
-def math_attention_bytes(shape: ModelShape, batch: int, seq: int, prefix: int) -> float:
-    """What SDPA's math kernel keeps for backward in one layer on a CPU, where it computes in fp32 (ptune's CPU
-    training attention, see ptune.model.prefix): the probabilities B nh S K and fp32 copies of the query and of the
-    keys and values repeated to nh heads, 4 B nh (S K + S d + 2 K d); the fused kernels' bf16 copies counted by
-    :func:`layer_activation_bytes` are not subtracted."""
-    keys = prefix + seq
-    return 4 * batch * shape.heads * (seq * keys + seq * shape.head_dim + 2 * keys * shape.head_dim)
 
 
 def output_activation_bytes(shape: ModelShape, batch: int, positions: int, b: int = ACTIVATION_BYTES) -> float:

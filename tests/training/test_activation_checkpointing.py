@@ -7,12 +7,9 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import ptune.training.activation_checkpointing as auto_module
 from ptune.training.activation_checkpointing import memory_room, micro_batch_shape
-from ptune.training.estimate import ModelShape, math_attention_bytes
 from ptune.training.recipe import build_trainer
 from ptune.utils.memory import release_free_memory
 
@@ -64,25 +61,3 @@ def test_cpu_room_does_not_count_the_parent_process():
     )
     room = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
     assert held.sum() > 0 and room < 256 * 2**20
-
-
-def test_math_attention_bytes_is_what_the_math_kernel_keeps():
-    """The fp32 tensors SDPA's math kernel saves for backward on a CPU with bf16 inputs (as
-    ``torch.autograd.graph.saved_tensors_hooks`` records them) match the estimate's formula."""
-    config = {"model_type": "llama", "num_hidden_layers": 1, "hidden_size": 64, "num_attention_heads": 4}
-    config |= {"num_key_value_heads": 4, "intermediate_size": 128, "vocab_size": 97}
-    shape = ModelShape.from_config(config)
-    batch, seq, prefix = 3, 20, 7
-    q = torch.randn(batch, 4, seq, 16, dtype=torch.bfloat16, requires_grad=True)
-    k, v = (torch.randn(batch, 4, prefix + seq, 16, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
-    mask = torch.ones(batch, 1, seq, prefix + seq, dtype=torch.bool)
-    saved: dict[int, int] = {}
-
-    def keep(t: torch.Tensor) -> torch.Tensor:
-        if t.dtype == torch.float32:  # the math kernel's own copies (a storage counted once)
-            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t), sdpa_kernel([SDPBackend.MATH]):
-        F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    assert sum(saved.values()) == math_attention_bytes(shape, batch, seq, prefix)

@@ -8,7 +8,6 @@ import pytest
 import torch
 from transformers import GlmForCausalLM
 
-import ptune.model.prefix as prefix_module
 from ptune.chatglm2.conversion import glm_config
 from ptune.cli import main as cli
 from ptune.model.prefix import PrefixEncoder, PrefixShape, PrefixTunedModel
@@ -89,11 +88,8 @@ def test_projection_adds_its_mlp_and_optimizer_state():
     assert extra > 16 * mlp  # fp32 weights + gradients + two AdamW moments
 
 
-def test_activation_formula_matches_what_autograd_keeps(monkeypatch):
-    """The per-layer formula against the tensors autograd actually saves for a small bf16 GLM with ptune's prefix,
-    attention in SDPA's fused kernel as the formula assumes (a CPU without native bf16 would train in the math
-    kernel: ``math_attention_bytes``, tested in tests/training/test_activation_checkpointing.py)."""
-    monkeypatch.setattr(prefix_module, "CPU_TRAINING_SDPA", None)
+def test_activation_formula_matches_what_autograd_keeps():
+    """The per-layer formula against the tensors autograd actually saves for a small bf16 GLM with ptune's prefix."""
     original = {**est.chatglm2_6b_config(), "num_layers": 2, "hidden_size": 128, "num_attention_heads": 4}
     original.update(kv_channels=32, ffn_hidden_size=344, padded_vocab_size=1000)
     shape = est.ModelShape.from_config(original)

@@ -4,7 +4,8 @@ Gradient checkpointing trades time (every layer's forward runs twice) for memory
 instead of every activation). Whether the memory matters depends on the run: on a CPU the process's peak resident
 memory is often reached while the base model loads (the fp16 checkpoint is converted to the compute dtype), and
 activations that fit in what the load already held, and gave back, raise no peak at all. So ``auto`` turns
-checkpointing off when ``ptune.training.estimate`` says the activations of the largest micro-batch fit:
+checkpointing off when ``ptune.training.estimate`` says the activations of the largest micro-batch (in the base's
+dtype) fit:
 
 - on a CPU, in the headroom between the process's peak resident memory so far (VmHWM: loading included) and
   its resident memory now (after the load's freed buffers went back: ``ptune.utils.memory``), so that training
@@ -86,7 +87,8 @@ def resolve_activation_checkpointing(
     sequences, seq = micro_batch_shape(row_lengths(rows), batch, pack_length, cfg.dataset.pad_to_multiple_of)
     shape = ModelShape.from_config(base.config.to_dict())
     prefix = cfg.prefix.length
-    need = activation_bytes(shape, sequences, seq, prefix, checkpointing=False)
+    # activations in the base's dtype (fp32 base: twice bf16's); a quantized base computes in its float dtype
+    need = activation_bytes(shape, sequences, seq, prefix, checkpointing=False, b=base.dtype.itemsize)
     room = memory_room(device, base)
     keep = need > room
     logger.info(

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import ptune.training.activation_checkpointing as auto_module
-from ptune.training.activation_checkpointing import memory_room, micro_batch_shape
+from ptune.training.activation_checkpointing import memory_room, micro_batch_shape, row_lengths
+from ptune.training.estimate import ModelShape, activation_bytes
 from ptune.training.recipe import build_trainer
 from ptune.utils.memory import release_free_memory
 
@@ -22,6 +23,21 @@ def test_auto_turns_checkpointing_off_only_when_the_activations_fit(fast_cfg, tm
     assert trainer.args.activation_checkpointing is expected
     trainer.train()  # the trainer turns the model's checkpointing on (or not) from the resolved argument
     assert trainer.model.base.is_activation_checkpointing is expected
+
+
+def test_auto_counts_activations_in_the_base_dtype(fast_cfg, tmp_path, monkeypatch):
+    """A room that holds the bf16 base's activations but not the fp32 base's (twice the bytes): off, then on."""
+    cfg = fast_cfg("model.dtype=bfloat16")
+    probe = build_trainer(cfg, str(tmp_path / "probe"))
+    lengths = row_lengths(probe.train_dataset)
+    batch, data = cfg.trainer.per_device_train_batch_size, cfg.dataset
+    sequences, seq = micro_batch_shape(lengths, batch, data.get("pack_length"), data.pad_to_multiple_of)
+    shape = ModelShape.from_config(probe.model.base.config.to_dict())
+    bf16 = activation_bytes(shape, sequences, seq, cfg.prefix.length, checkpointing=False, b=2)
+    monkeypatch.setattr(auto_module, "memory_room", lambda device, model: int(1.5 * bf16))
+    for dtype, expected in (("bfloat16", False), ("float32", True)):
+        overrides = ("trainer.activation_checkpointing=auto", f"model.dtype={dtype}")
+        assert build_trainer(fast_cfg(*overrides), str(tmp_path / dtype)).args.activation_checkpointing is expected
 
 
 def test_explicit_values_are_kept_and_others_refused(fast_cfg, tmp_path, monkeypatch):

@@ -5,9 +5,9 @@ Usage: ``.venv/bin/python benchmarks/train_speed.py [--samples 128] [--repeats 3
 
 Both sides train a prefix of 128 positions for the same number of samples (one epoch over the same first rows,
 effective batch 16, learning rate 2e-2, linear decay, AdamW, seed 42) on the same randomly initialised GLM shaped
-like ChatGLM2 (``--shape``, by default both, wide first: the headline; see SHAPES: ``default`` 4 layers x hidden 512, whose FLOPs are mostly the 65,024-word
-output layer; ``wide`` 4 layers x hidden 2048 with ChatGLM2's head layout, whose FLOPs are mostly the transformer
-layers, as in the real model), saved once to a temporary folder:
+like ChatGLM2 (``--shape``, by default both, wide first: the headline; see SHAPES: ``default`` 4 layers x
+hidden 512, whose FLOPs are mostly the 65,024-word output layer; ``wide`` 4 layers x hidden 2048 with ChatGLM2's
+head layout, whose FLOPs are mostly the transformer layers, as in the real model), saved once to a temporary folder:
 
 - baseline: ``Seq2SeqTrainer`` + PEFT ``PrefixTuningConfig(num_virtual_tokens=128, task_type=CAUSAL_LM)`` on the
   base in ``--baseline-dtype`` (default bfloat16: the reference's main.py runs the base in half precision whenever

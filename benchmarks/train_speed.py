@@ -1,13 +1,13 @@
 """Training speed: ptune against the usual Hugging Face recipe (Seq2SeqTrainer + PEFT prefix tuning).
 
-Usage: ``.venv/bin/python benchmarks/train_speed.py [--samples 128] [--repeats 3] [--shape default|wide]
+Usage: ``.venv/bin/python benchmarks/train_speed.py [--samples 128] [--repeats 3] [--shape wide|default ...]
 [--baseline-dtype bfloat16] [--ablations [--ablation NAME-PART]]``
 
 Both sides train a prefix of 128 positions for the same number of samples (one epoch over the same first rows,
 effective batch 16, learning rate 2e-2, linear decay, AdamW, seed 42) on the same randomly initialised GLM shaped
-like ChatGLM2 (``--shape``, see SHAPES: ``default`` 4 layers x hidden 512, whose FLOPs are mostly the 65,024-word
-output layer; ``wide`` 4 layers x hidden 2048 with ChatGLM2's head layout, whose FLOPs are mostly the transformer
-layers, as in the real model), saved once to a temporary folder:
+like ChatGLM2 (``--shape``, by default both, wide first: the headline; see SHAPES: ``default`` 4 layers x
+hidden 512, whose FLOPs are mostly the 65,024-word output layer; ``wide`` 4 layers x hidden 2048 with ChatGLM2's
+head layout, whose FLOPs are mostly the transformer layers, as in the real model), saved once to a temporary folder:
 
 - baseline: ``Seq2SeqTrainer`` + PEFT ``PrefixTuningConfig(num_virtual_tokens=128, task_type=CAUSAL_LM)`` on the
   base in ``--baseline-dtype`` (default bfloat16: the reference's main.py runs the base in half precision whenever
@@ -75,6 +75,7 @@ SHAPES = {
         "ffn_hidden_size": 6848,
     },
 }
+HEADLINE_SHAPES = ("wide", "default")  # the headline: the layer-dominated shape of the real model, then the default
 PREFIX_LENGTH = 128
 SOURCE_LENGTH, TARGET_LENGTH = 64, 128
 PADDED_LENGTH = SOURCE_LENGTH + TARGET_LENGTH + 1  # the reference pads every row to this
@@ -91,7 +92,7 @@ PTUNE_BEST = {
     "pack_length": 256,  # dataset.pack_length: each micro-batch of 8 rows packed into 256-token sequences
     "sampling": "random",  # trainer.train_sampling_strategy: mixed lengths pack better than length-sorted ones
     "pad_to_multiple_of": 32,  # dataset.pad_to_multiple_of: labelled positions per loss call rounded to 32
-    "checkpointing": True,  # trainer.activation_checkpointing: 8 rows' activations at once, not one row's
+    "checkpointing": "auto",  # trainer.activation_checkpointing: off where the activations fit the load's peak
     "eval_batch": 32,  # trainer.per_device_eval_batch_size: eval rows per (packed) batch
 }
 # The settings before packing and the chunked loss (benchmarks/README.md, 2026-11-23), for --ablations.
@@ -118,6 +119,7 @@ ABLATIONS = {
     "packed 4 x 4 (micro-batch 4, accumulation 4)": {"micro_batch": 4},
     "packed, length-grouped order": {"sampling": "group_by_length"},
     "fp32 base (model.dtype=float32)": {"dtype": "float32"},
+    "activation checkpointing on (the previous preset)": {"checkpointing": True},
     "no activation checkpointing": {"checkpointing": False},
     "no malloc_trim (ptune.utils.memory off)": {"release_memory": False},
 }
@@ -592,7 +594,12 @@ def main() -> None:
         help="a second baseline, in its own table row (default %(default)s: the fp32 comparison); none: skip it",
     )
     parser.add_argument("--secondary-repeats", type=int, default=1, help="runs of the secondary baseline")
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="default", help="model shape (see SHAPES)")
+    parser.add_argument(
+        "--shape",
+        action="append",
+        choices=sorted(SHAPES),
+        help="model shape (see SHAPES); repeat for several; default: both, wide (the real model's) first",
+    )
     parser.add_argument("--eval-rows", type=int, default=128, help="dev rows for the timed eval-loss pass")
     parser.add_argument("--skip-tokenisation", action="store_true", help="skip the 114,599-row tokenisation timing")
     parser.add_argument("--wait-quiet", type=float, default=0, help="wait up to N minutes for load average < 0.8")
@@ -613,10 +620,17 @@ def main() -> None:
     datasets.disable_progress_bars()
     hf_logging.disable_progress_bar()
     quiet = wait_for_quiet(args.wait_quiet * 60) if args.wait_quiet else f"1-min load {os.getloadavg()[0]:.2f}"
-    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="ptune-train-speed-"))
+    for i, shape_name in enumerate(args.shape or HEADLINE_SHAPES):  # one table per shape, each measured in full
+        print(f"## shape: {shape_name}\n", flush=True)
+        measure_shape(args, shape_name, quiet, tokenise=i == 0 and not args.skip_tokenisation)
+
+
+def measure_shape(args: argparse.Namespace, shape_name: str, quiet: str, tokenise: bool) -> None:
+    """Both sides (and any ablations) on one model shape, alternating fresh processes; prints its report."""
+    work = Path(args.work) / shape_name if args.work else Path(tempfile.mkdtemp(prefix="ptune-train-speed-"))
     try:
         source = data_source()
-        data = prepare(work, source, args.samples, args.eval_rows, args.shape)
+        data = prepare(work, source, args.samples, args.eval_rows, shape_name)
         peaks = {"bf16": matmul_rate(torch.bfloat16), "fp32": matmul_rate(torch.float32)}
         runs: dict[str, list[dict[str, Any]]] = {"baseline": [], "ptune": [], "secondary": []}
         for i in range(args.repeats):  # alternate, so drift in the machine's load affects both sides alike
@@ -635,7 +649,7 @@ def main() -> None:
                 ablations[name] = [spawn("ptune", work, args.samples, settings) for _ in range(args.ablation_repeats)]
         for name, peak in (("bf16", matmul_rate(torch.bfloat16)), ("fp32", matmul_rate(torch.float32))):
             peaks[name] = max(peaks[name], peak)
-        tokenisation = None if args.skip_tokenisation else time_tokenisation(work, source)
+        tokenisation = time_tokenisation(work, source) if tokenise else None  # once, with the first shape
         report(args, source, data, runs, ablations, peaks, tokenisation, quiet, work)
     finally:
         if not args.work:

@@ -23,6 +23,7 @@ from ptune.data.reading import read_examples
 from ptune.model.base import load_base_model, load_tokenizer
 from ptune.model.prefix import PrefixShape, PrefixTunedModel
 from ptune.quantization.layers import model_quantization
+from ptune.training.activation_checkpointing import resolve_activation_checkpointing
 from ptune.training.guards import LossGuard
 from ptune.training.objective import LOSS_OBJECTIVE, check_objective, final_objective
 from ptune.training.trainer import PrefixTrainer
@@ -78,8 +79,11 @@ def resolve_resume(resume: str | None, output_dir: str) -> str | None:
 
 
 def training_arguments(cfg: DictConfig, output_dir: str) -> Seq2SeqTrainingArguments:
-    """The ``trainer`` config group passes straight to ``Seq2SeqTrainingArguments``; these few are fixed."""
+    """The ``trainer`` config group passes straight to ``Seq2SeqTrainingArguments``; these few are fixed.
+    ``trainer.activation_checkpointing=auto`` counts as on here: build_trainer decides it once the model is loaded."""
     options: dict[str, Any] = OmegaConf.to_container(cfg.trainer, resolve=True)
+    if options.get("activation_checkpointing") == "auto":
+        options["activation_checkpointing"] = True
     if not (torch.cuda.is_available() or torch.backends.mps.is_available()):
         # CPU only: says so to accelerate, which otherwise runs torchrun ranks as independent jobs (no gloo DDP)
         options.setdefault("use_cpu", True)
@@ -126,10 +130,14 @@ def build_trainer(cfg: DictConfig, output_dir: str) -> PrefixTrainer:
     model = PrefixTunedModel(base, prefix, logits_multiple_of=cfg.dataset.pad_to_multiple_of or 1)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     logger.info("base %s frozen; prefix: %s trainable parameters", cfg.model.path, f"{trainable:,}")
+    train_set = _first(train_set, cfg.max_train_samples)
+    args = training_arguments(cfg, output_dir)
+    checkpointing = resolve_activation_checkpointing(cfg, base, train_set, args.device)
+    args.activation_checkpointing = args.gradient_checkpointing = checkpointing  # the old name mirrors the new
     trainer = PrefixTrainer(
         model=model,
-        args=training_arguments(cfg, output_dir),
-        train_dataset=_first(train_set, cfg.max_train_samples),
+        args=args,
+        train_dataset=train_set,
         eval_dataset=_first(eval_set, cfg.max_eval_samples),
         data_collator=make_training_collator(cfg.dataset, tokenizer),
         processing_class=tokenizer,

@@ -81,6 +81,45 @@ def glm_config(original: dict) -> GlmConfig:
     )
 
 
+def chatglm2_config(native: dict) -> dict:
+    """The original ChatGLM2 config.json for a native GLM config (what ``glm_config`` inverts), for tools that read
+    the original's keys; refused, naming the key, where the native model computes something ChatGLM2 cannot."""
+    config = GlmConfig.from_dict(native)
+    rope = config.rope_parameters or {}
+    wanted = {
+        "rope_parameters.rope_type": (rope.get("rope_type"), "default"),
+        "rope_parameters.rope_theta": (rope.get("rope_theta"), 10000.0),
+        "rope_parameters.partial_rotary_factor": (rope.get("partial_rotary_factor"), 0.5),
+        "attention_bias": (config.attention_bias, True),
+        "tie_word_embeddings": (config.tie_word_embeddings, False),
+        "hidden_act": (config.hidden_act, "silu"),
+    }
+    for key, (value, needed) in wanted.items():
+        if value != needed:
+            raise NotImplementedError(f"{key}={value}: ChatGLM2 has {needed}; this GLM is not ChatGLM2-shaped")
+    return {
+        "model_type": "chatglm",
+        "architectures": ["ChatGLMModel"],
+        **REQUIRED_FLAGS,
+        "multi_query_attention": True,  # the original's prefix has multi_query_group_num groups in any case
+        "multi_query_group_num": config.num_key_value_heads,
+        "num_attention_heads": config.num_attention_heads,
+        "kv_channels": config.head_dim,
+        "num_layers": config.num_hidden_layers,
+        "hidden_size": config.hidden_size,
+        "ffn_hidden_size": config.intermediate_size,
+        "padded_vocab_size": config.vocab_size,
+        "seq_length": config.max_position_embeddings,
+        "layernorm_epsilon": config.rms_norm_eps,
+        "attention_dropout": config.attention_dropout,
+        "hidden_dropout": 0.0,
+        "torch_dtype": str(config.dtype or "float16").removeprefix("torch."),
+        "tie_word_embeddings": False,
+        "eos_token_id": config.eos_token_id,
+        "pad_token_id": config.pad_token_id,
+    }
+
+
 _LAYER = re.compile(r"transformer\.encoder\.layers\.(\d+)\.(.+)")
 _RENAMES = {
     "input_layernorm.weight": "input_layernorm.weight",

@@ -40,7 +40,7 @@ COMMON = [
     "max_train_samples=800",
     "max_eval_samples=64",
     "torch_threads=2",
-    "trainer.disable_tqdm=true",
+    "+trainer.disable_tqdm=true",
 ]
 
 

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,6 +25,7 @@ from transformers import GenerationConfig, GlmConfig, GlmForCausalLM
 
 from ptune.chatglm2.files import check_files, read_config, shard_files, stored_quantization
 from ptune.quantization.layers import BITS, quantize_model, quantize_rows, with_empty_quantized_linears
+from ptune.utils.durable import staged_folder
 
 logger = logging.getLogger(__name__)
 
@@ -242,20 +241,15 @@ def load_chatglm2(folder: str | Path, dtype: torch.dtype, quantization: str | No
 def convert_folder(src: str | Path, dst: str | Path) -> None:
     """Write a native GLM folder (safetensors shards, index, config, tokenizer) from an original ChatGLM2 one.
 
-    Written into a staging folder beside ``dst`` and renamed at the end: a failure leaves no partial folder."""
+    Written whole or not at all (``staged_folder``): a failure leaves no partial folder."""
     from ptune.chatglm2.tokenizer import save_chatglm2_tokenizer
 
     src, dst = Path(src), Path(dst)
     check_files(src)
     if stored_quantization(src):
         raise ValueError(f"{src}: saved quantized; ptune loads it as it is (model.path=...), convert the fp16 download")
-    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
-        raise FileExistsError(f"{dst}: exists and is not an empty folder; choose another output folder")
     config = glm_config(read_config(src))
-    staging = dst.with_name(f".{dst.name}.staging")
-    shutil.rmtree(staging, ignore_errors=True)  # what an earlier failed conversion left
-    staging.mkdir(parents=True)
-    try:
+    with staged_folder(dst) as staging:
         names: dict[str, str] = {}
         total = 0
         shards = shard_files(src)
@@ -271,9 +265,3 @@ def convert_folder(src: str | Path, dst: str | Path) -> None:
         config.save_pretrained(staging)
         GenerationConfig(eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id).save_pretrained(staging)
         save_chatglm2_tokenizer(src / "tokenizer.model", staging)
-        if dst.exists():
-            dst.rmdir()  # empty, checked above
-        os.replace(staging, dst)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise

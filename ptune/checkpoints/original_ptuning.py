@@ -11,8 +11,6 @@ This sits apart from ``ptune.chatglm2.conversion`` (base-model folders) because 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +28,7 @@ from ptune.checkpoints.format import (
     save_prefix_checkpoint,
 )
 from ptune.model.prefix import PrefixEncoder, PrefixShape
-from ptune.utils.durable import atomic_write, atomic_write_bytes, fsync_dir
+from ptune.utils.durable import staged_folder
 
 ORIGINAL_PREFIX = "transformer.prefix_encoder."
 
@@ -169,7 +167,7 @@ def export_ptuning(checkpoint: str | Path, out_dir: str | Path) -> Path:
     ``prefix_projection`` (chatglm.cpp reads those with ``num_layers``, ``multi_query_group_num``, ``kv_channels``).
 
     This is the one ``.bin`` ptune writes, because the original reads nothing else: a plain dict of tensors, which
-    loads with ``torch.load(weights_only=True)``. Written into a staging folder renamed into place at the end."""
+    loads with ``torch.load(weights_only=True)``. Written whole or not at all (``staged_folder``)."""
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
     meta = read_metadata(checkpoint)
     config = original_base_config(checkpoint, meta)
@@ -177,20 +175,9 @@ def export_ptuning(checkpoint: str | Path, out_dir: str | Path) -> Path:
     prefix = build_prefix(PrefixShape(**saved["shape"]), saved, config["hidden_size"])
     load_prefix_weights(checkpoint, prefix)
     _check_original_shape(checkpoint, prefix, config)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise FileExistsError(f"{out_dir}: exists and is not an empty folder; choose another output folder")
     tensors = {ORIGINAL_PREFIX + name: t.detach().contiguous() for name, t in prefix.state_dict().items()}
     config = {**config, "pre_seq_len": prefix.length, "prefix_projection": prefix.trans is not None}
-    staging = out_dir.with_name(f".{out_dir.name}.staging")
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
-        atomic_write(staging / "pytorch_model.bin", lambda tmp: torch.save(tensors, tmp))
-        atomic_write_bytes(staging / "config.json", json.dumps(config, indent=2, ensure_ascii=False).encode())
-        if out_dir.exists():
-            out_dir.rmdir()  # empty, checked above
-        os.replace(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    fsync_dir(out_dir.parent)
+    with staged_folder(out_dir) as staging:
+        torch.save(tensors, staging / "pytorch_model.bin")
+        (staging / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
     return out_dir

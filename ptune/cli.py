@@ -1,8 +1,10 @@
-"""The ``ptune`` command: front ends (chat, web, serve) and model tools (convert, verify, import-ptuning)."""
+"""The ``ptune`` command: front ends (chat, web, serve) and model tools (convert, verify, import-ptuning,
+export-ptuning)."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 
@@ -34,6 +36,12 @@ def main(argv: list[str] | None = None) -> int:
     imported.add_argument("--out", help="the new ptune checkpoint folder (default: CHECKPOINT-ptune)")
     imported.add_argument("--max-source-length", type=int, default=64, help="prompt tokens kept (reference: 64)")
     imported.add_argument("--max-target-length", type=int, default=128, help="answer tokens (reference: 128)")
+    exported = commands.add_parser(
+        "export-ptuning",
+        help="ptune checkpoint of a ChatGLM2 base -> original P-tuning layout (web_demo.py, chatglm.cpp)",
+    )
+    exported.add_argument("checkpoint", help="a ptune checkpoint folder, e.g. outputs/DATE/TIME/checkpoint-3000")
+    exported.add_argument("out", help="the new folder: pytorch_model.bin (prefix only) and config.json")
     from ptune.training import estimate
 
     estimate_help = "memory estimate for training a prefix (GiB table): --batch 4 or batch=4"
@@ -53,6 +61,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"converted {args.src} -> {args.dst}")
         elif args.command == "verify":
             print("\n".join(chatglm2_files.verify(args.model_dir)))
+        elif args.command == "export-ptuning":
+            saved = json.loads((original_ptuning.export_ptuning(args.checkpoint, args.out) / "config.json").read_text())
+            flags = f"--pre_seq_len {saved['pre_seq_len']}" + (
+                " --prefix_projection" if saved["prefix_projection"] else ""
+            )
+            print(f"wrote {args.out}: web_demo.py --ptuning_checkpoint {args.out} {flags}")
         else:
             out = args.out or f"{args.checkpoint.rstrip('/')}-ptune"
             lengths = args.max_source_length, args.max_target_length

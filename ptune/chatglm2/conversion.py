@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import re
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from transformers import GenerationConfig, GlmConfig, GlmForCausalLM
 
 from ptune.chatglm2.files import check_files, read_config, shard_files, stored_quantization
 from ptune.quantization.layers import BITS, quantize_model, quantize_rows, with_empty_quantized_linears
-from ptune.utils.durable import fsync_tree, user_file_mode
+from ptune.utils.durable import staged_folder, user_file_mode
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +79,45 @@ def glm_config(original: dict) -> GlmConfig:
         tie_word_embeddings=False,
         dtype=original.get("torch_dtype", "float16"),
     )
+
+
+def chatglm2_config(native: dict) -> dict:
+    """The original ChatGLM2 config.json for a native GLM config (what ``glm_config`` inverts), for tools that read
+    the original's keys; refused, naming the key, where the native model computes something ChatGLM2 cannot."""
+    config = GlmConfig.from_dict(native)
+    rope = config.rope_parameters or {}
+    wanted = {
+        "rope_parameters.rope_type": (rope.get("rope_type"), "default"),
+        "rope_parameters.rope_theta": (rope.get("rope_theta"), 10000.0),
+        "rope_parameters.partial_rotary_factor": (rope.get("partial_rotary_factor"), 0.5),
+        "attention_bias": (config.attention_bias, True),
+        "tie_word_embeddings": (config.tie_word_embeddings, False),
+        "hidden_act": (config.hidden_act, "silu"),
+    }
+    for key, (value, needed) in wanted.items():
+        if value != needed:
+            raise NotImplementedError(f"{key}={value}: ChatGLM2 has {needed}; this GLM is not ChatGLM2-shaped")
+    return {
+        "model_type": "chatglm",
+        "architectures": ["ChatGLMModel"],
+        **REQUIRED_FLAGS,
+        "multi_query_attention": True,  # the original's prefix has multi_query_group_num groups in any case
+        "multi_query_group_num": config.num_key_value_heads,
+        "num_attention_heads": config.num_attention_heads,
+        "kv_channels": config.head_dim,
+        "num_layers": config.num_hidden_layers,
+        "hidden_size": config.hidden_size,
+        "ffn_hidden_size": config.intermediate_size,
+        "padded_vocab_size": config.vocab_size,
+        "seq_length": config.max_position_embeddings,
+        "layernorm_epsilon": config.rms_norm_eps,
+        "attention_dropout": config.attention_dropout,
+        "hidden_dropout": 0.0,
+        "torch_dtype": str(config.dtype or "float16").removeprefix("torch."),
+        "tie_word_embeddings": False,
+        "eos_token_id": config.eos_token_id,
+        "pad_token_id": config.pad_token_id,
+    }
 
 
 _LAYER = re.compile(r"transformer\.encoder\.layers\.(\d+)\.(.+)")
@@ -213,20 +251,15 @@ def _publish_modes(folder: Path) -> None:
 def convert_folder(src: str | Path, dst: str | Path) -> None:
     """Write a native GLM folder (safetensors shards, index, config, tokenizer) from an original ChatGLM2 one.
 
-    Written into a staging folder beside ``dst`` and renamed at the end: a failure leaves no partial folder."""
+    Written whole or not at all (``staged_folder``): a failure leaves no partial folder."""
     from ptune.chatglm2.tokenizer import save_chatglm2_tokenizer
 
     src, dst = Path(src), Path(dst)
     check_files(src)
     if stored_quantization(src):
         raise ValueError(f"{src}: saved quantized; ptune loads it as it is (model.path=...), convert the fp16 download")
-    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
-        raise FileExistsError(f"{dst}: exists and is not an empty folder; choose another output folder")
     config = glm_config(read_config(src))
-    staging = dst.with_name(f".{dst.name}.staging")
-    shutil.rmtree(staging, ignore_errors=True)  # what an earlier failed conversion left
-    staging.mkdir(parents=True)
-    try:
+    with staged_folder(dst) as staging:
         names: dict[str, str] = {}
         total = 0
         shards = shard_files(src)
@@ -243,10 +276,3 @@ def convert_folder(src: str | Path, dst: str | Path) -> None:
         GenerationConfig(eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id).save_pretrained(staging)
         save_chatglm2_tokenizer(src / "tokenizer.model", staging)
         _publish_modes(staging)
-        fsync_tree(staging)  # complete on disk before it gets its final name
-        if dst.exists():
-            dst.rmdir()  # empty, checked above
-        os.replace(staging, dst)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise

@@ -82,6 +82,8 @@ TRAIN_RULES = {
     "max_eval_samples": optional(POSITIVE_INT),
     "torch_threads": optional(POSITIVE_INT),
     "allow_base_mismatch": BOOL,
+    "prefix.init": one_of("random", "text", "vocab"),
+    "prefix.init_text": optional(STRING),
 }
 
 #: chat.yaml, shared by ptune chat / web / serve
@@ -187,9 +189,26 @@ def _raise(problems: list[str]) -> None:
         raise ConfigError(f"{len(problems)} bad setting(s); fix them on the command line:\n{listed}")
 
 
+def prefix_init_problems(cfg: DictConfig) -> list[str]:
+    """``prefix.init=text|vocab`` writes keys/values into the table: not with a projection (its input is no key or
+    value), not with ``init_from`` (two starts), and ``text`` needs its text."""
+    init = OmegaConf.select(cfg, "prefix.init", default="random")
+    if init not in ("text", "vocab"):
+        return []
+    problems = []
+    if OmegaConf.select(cfg, "prefix.projection", default=False):
+        problems.append(f"prefix.init={init}: needs prefix.projection=false (the projection's input is no key/value)")
+    if cfg.get("init_from"):
+        problems.append(f"prefix.init={init} and init_from both set the starting prefix; drop one")
+    if init == "text" and not OmegaConf.select(cfg, "prefix.init_text", default=None):
+        problems.append("prefix.init=text: set prefix.init_text to a string, or @path to a UTF-8 file")
+    return problems
+
+
 def check_train_config(cfg: DictConfig) -> None:
-    """train.py's config: top-level knobs of the right type, no unknown key in a group."""
-    _raise(type_problems(cfg, TRAIN_RULES) + unknown_key_problems(cfg))
+    """train.py's config: top-level knobs of the right type, no unknown key in a group, a prefix start that fits."""
+    problems = type_problems(cfg, TRAIN_RULES) + unknown_key_problems(cfg)
+    _raise(problems or prefix_init_problems(cfg))
 
 
 def check_frontend_config(cfg: DictConfig) -> None:
@@ -315,6 +334,8 @@ RESUME_FREE = frozenset(
     {
         "resume",
         "init_from",  # the starting weights, which resuming replaces by the checkpoint's
+        "prefix.init",  # likewise: a resume is never initialised
+        "prefix.init_text",
         "save_steps",
         "max_eval_samples",
         "torch_threads",

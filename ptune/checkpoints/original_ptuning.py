@@ -1,4 +1,4 @@
-"""Original P-tuning v2 checkpoints (``ptuning/main.py`` of the ChatGLM2 repository) as ptune checkpoints.
+"""Original P-tuning v2 checkpoints (``ptuning/main.py`` of the ChatGLM2 repository) as ptune checkpoints, and back.
 
 The original saves the whole ``transformer.prefix_encoder`` (its table and, with ``prefix_projection``, its MLP)
 in ``pytorch_model.bin`` or ``model.safetensors``. ptune's prefix has the same layout and semantics (real tokens at
@@ -12,15 +12,23 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig
 
-from ptune.chatglm2.conversion import glm_config, is_original_chatglm2
+from ptune.chatglm2.conversion import chatglm2_config, glm_config, is_original_chatglm2
 from ptune.chatglm2.files import stored_quantization
-from ptune.checkpoints.format import checkpoint_metadata, save_prefix_checkpoint
+from ptune.checkpoints.format import (
+    build_prefix,
+    checkpoint_metadata,
+    load_prefix_weights,
+    read_metadata,
+    save_prefix_checkpoint,
+)
 from ptune.model.prefix import PrefixEncoder, PrefixShape
+from ptune.utils.durable import staged_folder
 
 ORIGINAL_PREFIX = "transformer.prefix_encoder."
 
@@ -110,4 +118,66 @@ def import_ptuning(
     out_dir = Path(out_dir)
     quantization = stored_quantization(base) if is_original_chatglm2(base) else None
     save_prefix_checkpoint(out_dir, prefix, checkpoint_metadata(prefix, base, run_config, quantization))
+    return out_dir
+
+
+def original_base_config(checkpoint: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """The base's config.json in the original's keys: as the original saved it for an original ChatGLM2 folder,
+    derived from the native config for a converted one (``ptune convert``); any other base is refused."""
+    base = meta["base_model"]
+    config, model_type = base["config"], base["config"].get("model_type")
+    where = f"{checkpoint}: its base {base['path']}"
+    try:
+        if model_type == "chatglm":
+            glm_config(config)  # refuses what is not ChatGLM2's function (rope_ratio, other flags)
+            return dict(config)
+        if model_type == "glm":
+            return chatglm2_config(config)
+    except (NotImplementedError, KeyError) as err:
+        raise ValueError(f"{where} is no ChatGLM2 model ({err}); the original P-tuning layout is ChatGLM2's") from None
+    raise ValueError(
+        f"{where} is a {model_type!r} model; the original P-tuning layout holds ChatGLM2 prefixes only (model_type "
+        "chatglm, or glm as ptune convert writes it)"
+    )
+
+
+def _check_original_shape(checkpoint: Path, prefix: PrefixEncoder, config: dict[str, Any]) -> None:
+    """The original's PrefixEncoder: rows of num_layers x 2 x multi_query_group_num x kv_channels, and a projection
+    as wide as hidden_size (it has no width of its own)."""
+    groups, channels, layers = config["multi_query_group_num"], config["kv_channels"], config["num_layers"]
+    shape = prefix.shape
+    if (shape.num_layers, shape.num_kv_heads, shape.head_dim) != (layers, groups, channels):
+        raise ValueError(
+            f"{checkpoint}: the prefix has {shape.num_layers} layers x {shape.num_kv_heads} key/value heads x "
+            f"{shape.head_dim} channels, but the original has one key/value width per layer, multi_query_group_num "
+            f"x kv_channels = {groups} x {channels} ({layers} layers): it cannot hold this prefix"
+        )
+    hidden = prefix.trans[0].out_features if prefix.trans is not None else config["hidden_size"]
+    if hidden != config["hidden_size"]:
+        raise ValueError(
+            f"{checkpoint}: prefix.projection_hidden_size={hidden}, but the original's projection is as wide as "
+            f"hidden_size={config['hidden_size']}: retrain with prefix.projection_hidden_size=null"
+        )
+
+
+def export_ptuning(checkpoint: str | Path, out_dir: str | Path) -> Path:
+    """Write a ptune checkpoint in the original layout that ``ptuning/main.py``, ``web_demo.py`` and chatglm.cpp read:
+    ``pytorch_model.bin`` with only the ``transformer.prefix_encoder.*`` tensors (the original loads it with
+    ``torch.load`` and strips that prefix), and ``config.json``, the base's with ``pre_seq_len`` and
+    ``prefix_projection`` (chatglm.cpp reads those with ``num_layers``, ``multi_query_group_num``, ``kv_channels``).
+
+    This is the one ``.bin`` ptune writes, because the original reads nothing else: a plain dict of tensors, which
+    loads with ``torch.load(weights_only=True)``. Written whole or not at all (``staged_folder``)."""
+    checkpoint, out_dir = Path(checkpoint), Path(out_dir)
+    meta = read_metadata(checkpoint)
+    config = original_base_config(checkpoint, meta)
+    saved = meta["prefix"]
+    prefix = build_prefix(PrefixShape(**saved["shape"]), saved, config["hidden_size"])
+    load_prefix_weights(checkpoint, prefix)
+    _check_original_shape(checkpoint, prefix, config)
+    tensors = {ORIGINAL_PREFIX + name: t.detach().contiguous() for name, t in prefix.state_dict().items()}
+    config = {**config, "pre_seq_len": prefix.length, "prefix_projection": prefix.trans is not None}
+    with staged_folder(out_dir) as staging:
+        torch.save(tensors, staging / "pytorch_model.bin")
+        (staging / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
     return out_dir

@@ -9,7 +9,7 @@ from typing import Any
 import datasets
 import torch
 from omegaconf import DictConfig, OmegaConf
-from transformers import PreTrainedTokenizerBase, Seq2SeqTrainingArguments, set_seed
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, Seq2SeqTrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from ptune.checkpoints.config_checks import check_base_model, check_resume_settings, check_train_config
@@ -21,7 +21,8 @@ from ptune.data.packing import PackingCollator
 from ptune.data.prompts import PromptFormat
 from ptune.data.reading import read_examples
 from ptune.model.base import load_base_model, load_tokenizer
-from ptune.model.prefix import PrefixShape, PrefixTunedModel
+from ptune.model.prefix import PrefixEncoder, PrefixShape, PrefixTunedModel
+from ptune.model.prefix_init import initialise_prefix
 from ptune.quantization.layers import model_quantization
 from ptune.training.activation_checkpointing import resolve_activation_checkpointing
 from ptune.training.guards import LossGuard
@@ -113,8 +114,28 @@ def make_training_collator(dataset_cfg: DictConfig, tokenizer: PreTrainedTokeniz
     return make_collator(tokenizer, dataset_cfg.pad_to_multiple_of)
 
 
-def build_trainer(cfg: DictConfig, output_dir: str) -> PrefixTrainer:
-    """Everything before the first step: data, frozen base, fresh prefix, and the trainer around them."""
+def prefix_start(
+    cfg: DictConfig,
+    prefix: PrefixEncoder,
+    base: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    resume: str | None,
+) -> dict[str, Any]:
+    """Set the prefix's starting weights and return what checkpoints record of that start. A resume is never
+    initialised (the checkpoint's weights replace any start; its recorded start is kept), ``init_from`` loads that
+    checkpoint's prefix, otherwise ``prefix.init`` (``ptune.model.prefix_init``)."""
+    if resume:
+        return read_metadata(resume)["prefix"].get("init", {"kind": "random"})  # checkpoints before prefix.init
+    if cfg.init_from:  # a fresh schedule from another run's prefix (train() has checked it fits the base)
+        load_prefix_weights(cfg.init_from, prefix)
+        logger.info("prefix weights from %s", cfg.init_from)
+        return {"kind": "init_from", "checkpoint": str(Path(cfg.init_from).resolve())}
+    return initialise_prefix(prefix, base, tokenizer, OmegaConf.to_container(cfg.prefix), cfg.seed)
+
+
+def build_trainer(cfg: DictConfig, output_dir: str, resume: str | None = None) -> PrefixTrainer:
+    """Everything before the first step: data, frozen base, the prefix at its start (``resume``: the checkpoint
+    the trainer will load it from), and the trainer around them."""
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
     set_seed(cfg.seed)
@@ -124,10 +145,12 @@ def build_trainer(cfg: DictConfig, output_dir: str) -> PrefixTrainer:
     eval_set = load_split(cfg.dataset, cfg.dataset.validation_file, tokenizer, prompt_format)
     base = load_base_model(cfg.model.path, cfg.model.dtype, cfg.model.quantization)
     prefix = build_prefix(PrefixShape.from_config(base.config), cfg.prefix, base.config.hidden_size)
-    if cfg.init_from:  # a fresh schedule from another run's prefix (train() has checked it fits the base)
-        load_prefix_weights(cfg.init_from, prefix)
-        logger.info("prefix weights from %s", cfg.init_from)
+    start = prefix_start(cfg, prefix, base, tokenizer, resume)
     model = PrefixTunedModel(base, prefix, logits_multiple_of=cfg.dataset.pad_to_multiple_of or 1)
+    metadata = checkpoint_metadata(
+        prefix, cfg.model.path, OmegaConf.to_container(cfg, resolve=True), model_quantization(base)
+    )
+    metadata["prefix"]["init"] = start
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     logger.info("base %s frozen; prefix: %s trainable parameters", cfg.model.path, f"{trainable:,}")
     train_set = _first(train_set, cfg.max_train_samples)
@@ -141,9 +164,7 @@ def build_trainer(cfg: DictConfig, output_dir: str) -> PrefixTrainer:
         eval_dataset=_first(eval_set, cfg.max_eval_samples),
         data_collator=make_training_collator(cfg.dataset, tokenizer),
         processing_class=tokenizer,
-        checkpoint_metadata=checkpoint_metadata(
-            prefix, cfg.model.path, OmegaConf.to_container(cfg, resolve=True), model_quantization(base)
-        ),
+        checkpoint_metadata=metadata,
     )
     trainer.add_callback(LossGuard(model))  # a NaN/inf loss stops the run before anything of it is saved
     if trainer.args.device.type == "cpu":  # tensors on the C heap: each step's freed memory back to the OS
@@ -234,7 +255,7 @@ def train(cfg: DictConfig, output_dir: str) -> float:
     check_checkpoints(cfg, checkpoint)
     if finished(cfg, checkpoint):
         return finished_objective(cfg, checkpoint, output_dir)
-    trainer = build_trainer(cfg, output_dir)
+    trainer = build_trainer(cfg, output_dir, checkpoint)
     if checkpoint and eval_loss_at_resume(checkpoint) is not None:
         trainer.args.eval_on_start = False
     train_interruptible(trainer, checkpoint, output_dir)

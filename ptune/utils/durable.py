@@ -12,8 +12,9 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 
@@ -95,3 +96,25 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             handle.write(data)
 
     atomic_write(path, write)
+
+
+@contextlib.contextmanager
+def staged_folder(dst: str | os.PathLike) -> Iterator[Path]:
+    """A folder written whole or not at all: yields a staging folder beside ``dst`` (which must be absent or empty);
+    when the block succeeds it is fsynced and renamed to ``dst``, when it fails it is removed."""
+    dst = Path(dst)
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        raise FileExistsError(f"{dst}: exists and is not an empty folder; choose another output folder")
+    staging = dst.with_name(f".{dst.name}.staging")
+    shutil.rmtree(staging, ignore_errors=True)  # what an earlier failed write left
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+        fsync_tree(staging)
+        if dst.exists():
+            dst.rmdir()  # empty, checked above
+        os.replace(staging, dst)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    fsync_dir(dst.parent)

@@ -284,20 +284,28 @@ def test_train_and_evaluate_on_the_original_folder(original, tmp_path):
     ]
 
 
-@pytest.mark.parametrize("projection", [False, True])
-def test_original_ptuning_checkpoint_reproduces_the_original_outputs(original, tmp_path, projection):
-    folder, config, weights = original
+def original_prefix_state(config: dict, length: int, projection: bool, hidden: int = 32) -> dict[str, torch.Tensor]:
+    """What the original ptuning/main.py saves in pytorch_model.bin: its PrefixEncoder's tensors (random here)."""
     layers, g, d = config["num_layers"], config["multi_query_group_num"], config["kv_channels"]
-    kv_size, length = layers * 2 * g * d, 6
+    kv_size = layers * 2 * g * d
     gen = torch.Generator().manual_seed(3)
     prefix_sd = {"transformer.prefix_encoder.embedding.weight": torch.randn(length, kv_size, generator=gen)}
     if projection:
         prefix_sd |= {
-            "transformer.prefix_encoder.trans.0.weight": torch.randn(32, kv_size, generator=gen) * 0.1,
-            "transformer.prefix_encoder.trans.0.bias": torch.randn(32, generator=gen) * 0.1,
-            "transformer.prefix_encoder.trans.2.weight": torch.randn(kv_size, 32, generator=gen) * 0.1,
+            "transformer.prefix_encoder.trans.0.weight": torch.randn(hidden, kv_size, generator=gen) * 0.1,
+            "transformer.prefix_encoder.trans.0.bias": torch.randn(hidden, generator=gen) * 0.1,
+            "transformer.prefix_encoder.trans.2.weight": torch.randn(kv_size, hidden, generator=gen) * 0.1,
             "transformer.prefix_encoder.trans.2.bias": torch.randn(kv_size, generator=gen) * 0.1,
         }
+    return prefix_sd
+
+
+@pytest.mark.parametrize("projection", [False, True])
+def test_original_ptuning_checkpoint_reproduces_the_original_outputs(original, tmp_path, projection):
+    folder, config, weights = original
+    layers, g, d = config["num_layers"], config["multi_query_group_num"], config["kv_channels"]
+    length = 6
+    prefix_sd = original_prefix_state(config, length, projection)
     ckpt = tmp_path / "checkpoint-3000"
     ckpt.mkdir()
     torch.save(prefix_sd, ckpt / "pytorch_model.bin")  # what the original ptuning/main.py saved

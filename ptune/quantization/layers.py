@@ -11,10 +11,11 @@ that runs on a CPU as on CUDA (the original's kernels are CUDA-only). The scheme
     q     = round(W / scale)                    int8, in [-127, 127] or [-7, 7]
     int4: byte j of a row = (q[2j] << 4) | (q[2j+1] & 15)
 
-and back, ``W = q * scale`` in fp16 (the high nibble arithmetically shifted, the low one sign-extended). An
-all-zero row gets scale 0 and q 0 (the original divides 0 by 0 there). The forward pass dequantizes the weight to
-the compute dtype and multiplies; the backward pass dequantizes it again for the input's gradient only (the base
-is frozen), so between the passes nothing but the packed bytes is kept.
+and back, ``W = q * scale`` (the high nibble arithmetically shifted, the low one sign-extended), exact in fp32
+(``ptune.quantization.kernels``). An all-zero row gets scale 0 and q 0 (the original divides 0 by 0 there). The
+forward pass runs a fused weight-only kernel for a few bf16 rows (decode steps) and otherwise dequantizes the weight
+and multiplies; the backward pass dequantizes it again for the input's gradient only (the base is frozen), so
+between the passes nothing but the packed bytes is kept.
 
 nf4 is bitsandbytes' 4-bit NormalFloat (QLoRA's format; bitsandbytes runs on CPU since 0.48), quantized after
 loading rather than through transformers' ``quantization_config``: that path does not exist for original ChatGLM2
@@ -31,6 +32,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+from ptune.quantization import kernels
 
 QUANTIZATIONS = ("int8", "int4", "nf4")
 BITS = {"int8": 8, "int4": 4}
@@ -67,31 +70,24 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
     return (q[:, 0::2] << 4) | (q[:, 1::2] & 15)
 
 
-def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    """The int8 values of :func:`pack_int4`'s bytes: the arithmetic high nibble, then the sign-extended low one."""
-    return torch.stack([packed >> 4, (packed << 4) >> 4], dim=-1).flatten(-2)
-
-
-def dequantize_rows(qweight: torch.Tensor, scale: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor:
-    """``q * scale`` in fp16 (the scheme's values), in ``dtype``."""
-    q = unpack_int4(qweight) if bits == 4 else qweight
-    return (q.to(scale.dtype) * scale[:, None]).to(dtype)
-
-
 class _QuantizedMatmul(torch.autograd.Function):
-    """``x @ W.T + b`` with W dequantized in both passes; a gradient for ``x`` only (the weight is frozen)."""
+    """``x @ W.T + b``: a fused kernel for few bf16 rows, else the exact path; the backward pass always the exact
+    path, for ``x`` only (the weight is frozen). See ``ptune.quantization.kernels``."""
 
     @staticmethod
-    def forward(ctx, x, qweight, scale, bias, bits):
+    def forward(ctx, x, qweight, scale, bias, layer):
         ctx.save_for_backward(qweight, scale)
-        ctx.bits = bits
-        weight = dequantize_rows(qweight, scale, bits, x.dtype)
-        return nn.functional.linear(x, weight, None if bias is None else bias.to(x.dtype))
+        ctx.bits = layer.bits
+        fused = layer.fused(x) if kernels.wants_kernel(x) else None
+        if fused is None:
+            return kernels.exact_linear(x, qweight, scale, layer.bits, bias)
+        out = fused(x.reshape(-1, x.shape[-1]), scale).reshape(*x.shape[:-1], -1)
+        return out if bias is None else out + bias.to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad):
         qweight, scale = ctx.saved_tensors
-        grad_x = grad @ dequantize_rows(qweight, scale, ctx.bits, grad.dtype) if ctx.needs_input_grad[0] else None
+        grad_x = kernels.exact_input_grad(grad, qweight, scale, ctx.bits) if ctx.needs_input_grad[0] else None
         return grad_x, None, None, None, None
 
 
@@ -115,6 +111,7 @@ class QuantizedLinear(nn.Module):
         self.weight_scale = nn.Parameter(torch.empty(out_features, dtype=torch.float16, device=device), False)
         empty_bias = torch.empty(out_features, dtype=dtype, device=device)
         self.bias = nn.Parameter(empty_bias, requires_grad=False) if bias else None
+        self._fused: tuple[tuple, kernels.FusedWeight | None] | None = None  # (weight's identity, kernel view)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, bits: int) -> QuantizedLinear:
@@ -128,7 +125,20 @@ class QuantizedLinear(nn.Module):
         return module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _QuantizedMatmul.apply(x, self.weight, self.weight_scale, self.bias, self.bits)
+        return _QuantizedMatmul.apply(x, self.weight, self.weight_scale, self.bias, self)
+
+    def fused(self, x: torch.Tensor) -> kernels.FusedWeight | None:
+        """The fused kernel's view of the weight, derived at the first call that wants it (so a run that never
+        decodes never holds it) and again only when the weight is replaced or moved."""
+        key = (self.weight.data_ptr(), self.weight.device, self.weight._version)
+        if self._fused is None or self._fused[0] != key:
+            self._fused = key, kernels.derive_fused(self.weight.detach(), self.bits)
+        return self._fused[1]
+
+    @property
+    def derived_bytes(self) -> int:
+        """Bytes of the kernel's derived copy, if one is held (0 before the first decode step or without one)."""
+        return self._fused[1].derived_bytes if self._fused and self._fused[1] else 0
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int{self.bits}"

@@ -3,7 +3,8 @@
 The pre-quantized folders are written here from the scheme's definition, in the layout of the published
 ``chatglm2-6b-int4`` (config.json with ``quantization_bit``, one ``pytorch_model.bin``, every layer's four linear
 weights as int8 bytes plus ``weight_scale``); the reference for what they must compute is the same weights
-dequantized and loaded through the fp16 path.
+dequantized in fp32 (as the original CPU kernel, ``extract_int4_weight_to_float``) and loaded through the plain
+path.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from ptune.checkpoints.format import build_prefix, read_metadata
 from ptune.inference.loading import load_checkpoint
 from ptune.model.base import load_base_model
 from ptune.model.prefix import PrefixShape, PrefixTunedModel
-from ptune.quantization.layers import QuantizedLinear, dequantize_rows, model_quantization, quantize_rows
+from ptune.quantization.kernels import dequantize_rows
+from ptune.quantization.layers import QuantizedLinear, model_quantization, quantize_rows
 from ptune.training.recipe import build_trainer
 from tests.chatglm2.test_conversion import (
     original_config,
@@ -46,11 +48,12 @@ def scheme_quantize(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torc
     return torch.tensor(signed, dtype=torch.int8), scale
 
 
-def scheme_dequantize(q: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+def scheme_dequantize(q: torch.Tensor, scale: torch.Tensor, bits: int, dtype=torch.float16) -> torch.Tensor:
+    """``q * scale`` in fp16 (the original CUDA kernel) or fp32 (its CPU kernel)."""
     if bits == 4:  # high nibble (arithmetic shift), then the sign-extended low nibble
         values = [[v for b in row for v in (b >> 4, ((b & 15) ^ 8) - 8)] for row in q.tolist()]
         q = torch.tensor(values, dtype=torch.int8)
-    return q.half() * scale.half()[:, None]
+    return q.to(dtype) * scale.to(dtype)[:, None]
 
 
 def test_scheme_by_hand():
@@ -60,9 +63,11 @@ def test_scheme_by_hand():
     # q = round(w / scale) in fp16: -7.0017 -> -7, 3.5 -> 4 (half to even), 1.75 -> 2, -0.875 -> -1, 5.25 -> 5, 0
     # bytes: (-7 << 4 | 4) = 0x94, (2 << 4 | -1 & 15) = 0x2f, (5 << 4 | 0) = 0x50
     assert q4.tolist() == [[0x94 - 256, 0x2F, 0x50], [0, 0, 0]]
-    back = dequantize_rows(q4, s4, 4, torch.float32)
+    back = dequantize_rows(q4, s4, 4, torch.float16)
     # q * scale rounded to fp16: -3.9990234375 -> -4.0 and 2.8564453125 -> 2.85546875 (ties to even)
     assert back.tolist() == [[-4.0, 2.28515625, 1.142578125, -0.5712890625, 2.85546875, 0.0], [0.0] * 6]
+    exact = dequantize_rows(q4, s4, 4, torch.float32)  # in fp32 the product is exact, nothing rounded
+    assert exact.tolist() == [[-3.9990234375, 2.28515625, 1.142578125, -0.5712890625, 2.8564453125, 0.0], [0.0] * 6]
     q8, s8 = quantize_rows(w, 8)
     assert s8.tolist() == [0.031494140625, 0.0] and q8.tolist() == [[-127, 64, 32, -16, 95, 0], [0] * 6]
     assert not torch.isnan(dequantize_rows(q8, s8, 8, torch.float32)).any()
@@ -78,6 +83,8 @@ def test_scheme_matches_its_definition_on_a_random_matrix(bits):
     assert torch.equal(q, ref_q) and torch.equal(scale, ref_scale)
     back = dequantize_rows(q, scale, bits, torch.float16)
     assert torch.equal(back, scheme_dequantize(ref_q, ref_scale, bits)) and not torch.isnan(back).any()
+    exact = dequantize_rows(q, scale, bits, torch.float32)
+    assert torch.equal(exact, scheme_dequantize(ref_q, ref_scale, bits, torch.float32))
     assert (back - w).abs().max() <= scale.max() / 2 + 1e-3  # within half a step of the original
 
 
@@ -100,14 +107,14 @@ def test_quantized_linear_computes_with_the_dequantized_weight_and_gives_input_g
 
 # -- pre-quantized original folders --------------------------------------------------------------------------------
 def write_quantized_folder(folder: Path, config: dict, weights: dict, tokenizer: Path, bits: int) -> dict:
-    """The published quantized layout; returns the same weights dequantized (fp16), for the reference folder."""
+    """The published quantized layout; returns the same weights dequantized in fp32, for the reference folder."""
     folder.mkdir(parents=True)
     stored, dequantized = {}, {}
     for name, tensor in weights.items():
         if name.endswith(QUANTIZED):
             q, scale = scheme_quantize(tensor, bits)
             stored |= {name: q, f"{name}_scale": scale}
-            dequantized[name] = scheme_dequantize(q, scale, bits)
+            dequantized[name] = scheme_dequantize(q, scale, bits, torch.float32)
         else:
             stored[name] = dequantized[name] = tensor
     torch.save(stored, folder / "pytorch_model.bin")  # one file, no index, as published (a test fixture)
@@ -134,10 +141,11 @@ def test_prequantized_folder_computes_what_its_dequantized_weights_compute(prequ
     assert model_quantization(ours) == f"int{bits}" and model_quantization(expected) is None
     layer = ours.model.layers[0].self_attn.q_proj
     assert isinstance(layer, QuantizedLinear) and layer.weight.dtype == torch.int8  # never dequantized as a whole
-    ids = torch.randint(3, 500, (2, 11))
+    ids = torch.randint(3, 500, (3, 57), generator=torch.Generator().manual_seed(0))  # 171 positions
     with torch.no_grad():
         a, b = ours(input_ids=ids).logits, expected(input_ids=ids).logits
-    assert torch.allclose(a, b, atol=1e-4, rtol=0), (a - b).abs().max()
+    assert torch.allclose(a, b, atol=1e-6, rtol=0), (a - b).abs().max()  # fp32 compute: the same weights exactly
+    assert torch.equal(a.argmax(-1), b.argmax(-1))
     prompt = ids[:1, :5]
     greedy = {"max_new_tokens": 12, "do_sample": False, "min_new_tokens": 12}
     assert torch.equal(ours.generate(prompt, **greedy), expected.generate(prompt, **greedy))

@@ -128,14 +128,18 @@ class Row:
     chooser: LogitsProcessorList | None
     generator: torch.Generator | None  # a sampled row's own random stream: its answer depends on its seed only
     ids: list[int] = field(default_factory=list)
-    finish: str | None = None  # "stop" (an end token) or "length" (max_new_tokens reached)
+    finish: str | None = None  # "stop" (an end token), "length" (max_new_tokens reached) or "error" (see error)
+    error: Exception | None = None  # why this row alone could not go on (its batch-mates are not touched)
 
 
 class BatchDecoder:
     """Step-wise batched decoding with rows that join and leave between steps (continuous batching).
 
-    ``add`` encodes new prompts together (left-padded) and merges their KV cache into the running batch, ``step``
-    decodes one token for every row, ``remove`` takes rows out (finished, or their client gone). Each row keeps
+    ``add`` encodes new prompts together (left-padded) and merges their KV cache into the running batch (``new_row``
+    then ``join`` do the same in two steps, so a row whose settings fail fails alone), ``step`` decodes one token
+    for every row, ``remove`` takes rows out (finished, or their client gone). A row whose token cannot be chosen
+    (its sampling settings give no distribution) ends with ``finish == "error"`` and its ``error``; the others go
+    on. Each row keeps
     its own positions (0 at its first real token), so a row's tokens are those it would get alone. With a prefix,
     its keys/values are computed once (``PrefixTunedModel.inference_prefix``) and sit at the front of every row's
     cache instead of being recomputed and concatenated at every step of every layer. Cache layout per row:
@@ -168,14 +172,18 @@ class BatchDecoder:
     def _prefix_length(self) -> int:
         return 0 if self._prefix is None else self._prefix.shape[3]
 
-    @torch.inference_mode()
     def add(self, prompts: Sequence[list[int]], settings: Sequence[GenerationSettings]) -> list[Row]:
         """Encode ``prompts`` together and add them to the batch with their first answer token chosen."""
-        rows = []
-        for prompt, row_settings in zip(prompts, settings, strict=True):
-            sampled = row_settings.do_sample
-            generator = torch.Generator(self.device).manual_seed(row_settings.seed) if sampled else None
-            rows.append(Row(list(prompt), row_settings, _token_chooser(row_settings, self.top_k), generator))
+        return self.join([self.new_row(prompt, s) for prompt, s in zip(prompts, settings, strict=True)])
+
+    def new_row(self, prompt: Sequence[int], settings: GenerationSettings) -> Row:
+        """A row for ``prompt``, not yet in the batch; its settings fail here (a seed out of range), for it alone."""
+        generator = torch.Generator(self.device).manual_seed(settings.seed) if settings.do_sample else None
+        return Row(list(prompt), settings, _token_chooser(settings, self.top_k), generator)
+
+    @torch.inference_mode()
+    def join(self, rows: list[Row]) -> list[Row]:
+        """Encode ``rows`` together and add them to the batch with their first answer token chosen."""
         ids, real = _left_padded([r.prompt for r in rows], self.pad_id)
         cache = DynamicCache(config=self.model.config)
         ones = torch.ones(len(rows), self._prefix_length, dtype=real.dtype)
@@ -251,8 +259,12 @@ class BatchDecoder:
         for k, row in enumerate(rows):
             token = greedy[k]
             if row.chooser is not None:
-                scores = row.chooser(None, logits[k : k + 1])
-                token = int(torch.multinomial(scores.softmax(dim=-1), 1, generator=row.generator))
+                try:
+                    scores = row.chooser(None, logits[k : k + 1])
+                    token = int(torch.multinomial(scores.softmax(dim=-1), 1, generator=row.generator))
+                except RuntimeError as err:  # e.g. inf/nan probabilities: this row's settings, not the batch's
+                    row.finish, row.error = "error", err
+                    continue
             if token in self._stop_set:
                 row.finish = "stop"
                 continue
@@ -290,6 +302,8 @@ def generate_ids(
             ended = [r for r in decoder.rows if r.finish or (stop is not None and stop.is_set())]
             decoder.remove(ended)
             for row in ended:
+                if row.error is not None:
+                    raise row.error
                 yield index[id(row)], row.ids
             if decoder.rows:
                 decoder.step()
@@ -328,6 +342,8 @@ def stream_answer(
         sent = text.shown
         if text.update() != sent:
             yield text.shown
+        if row.error is not None:
+            raise row.error
         if row.finish or (stop is not None and stop.is_set()):
             break
         decoder.step()

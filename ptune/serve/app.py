@@ -24,7 +24,8 @@ Choices:
 - Prompt plus history (system text included) longer than ``max_input_chars`` characters is a 413; wrong types, an
   empty prompt, empty messages are 422, a body that is not JSON is 400.
 - With ``api_key`` set, every request needs ``Authorization: Bearer <api_key>`` (401 otherwise, compared in
-  constant time), the docs pages and ``/health`` included.
+  constant time), the docs pages included; ``GET /health`` without it answers ``{"status": "ok"}`` only (a load
+  balancer's liveness probe has no key), with it the details.
 
 Concurrency: one worker thread owns the model (``serve_scheduler``): requests in flight are decoded together, up
 to ``max_batch_size``, a new one joining at the next step; each gets its own settings and its own tokens. More
@@ -217,7 +218,9 @@ def build_app(cfg: DictConfig, loaded: LoadedModel) -> FastAPI:
         return {"object": "list", "data": [entry]}
 
     @app.get("/health")
-    async def health() -> dict:
+    async def health(request: Request) -> dict:
+        if not request.state.authorized:  # a liveness probe without the key learns that the server is up, no more
+            return {"status": "ok"}
         return {"status": "ok", **service.scheduler.health()}
 
     @app.post("/v1/chat/completions")

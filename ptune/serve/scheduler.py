@@ -111,7 +111,7 @@ class Scheduler:
                 self._report(decoder)
                 if decoder.rows:
                     decoder.step()
-            except Exception as err:  # a failed step fails the rows in it; the server goes on with a fresh batch
+            except Exception as err:  # a failed forward of the whole batch fails its rows; a fresh batch goes on
                 logger.exception("generation failed for %d request(s)", len(self._active))
                 for job in self._active:
                     _fail(job, err)
@@ -126,8 +126,10 @@ class Scheduler:
         return self.max_batch_size - len(self._active)
 
     def _admit(self, decoder: BatchDecoder, joining: list[Job]) -> None:
-        """Encode the joining requests together and add them to the batch (skipping those whose client left)."""
-        ready, prompts, settings = [], [], []
+        """Encode the joining requests together and add them to the batch (skipping those whose client left). A
+        request whose settings or prompt fail is answered with its error alone; the running rows are not touched
+        (they join ``_active`` only once their rows are in the batch)."""
+        ready: list[Job] = []
         for job in joining:
             if job.stop.is_set():  # its client left while it waited
                 job.future.cancel()
@@ -135,32 +137,40 @@ class Scheduler:
             if not job.future.set_running_or_notify_cancel():
                 continue
             try:
-                prompt, job_settings = job.prepare()
+                job.row = decoder.new_row(*job.prepare())
             except Exception as err:
+                logger.warning("a request failed before it joined the batch: %s: %s", type(err).__name__, err)
                 _fail(job, err)
                 continue
             ready.append(job)
-            prompts.append(prompt)
-            settings.append(job_settings)
         if not ready:
             return
+        try:
+            decoder.join([job.row for job in ready])
+        except Exception as err:  # the joining rows' own forward: the running batch is as it was
+            logger.exception("encoding %d joining request(s) failed", len(ready))
+            for job in ready:
+                _fail(job, err)
+            return
+        for job in ready:
+            if job.on_text is not None:
+                job.text = TextSoFar(self.loaded.tokenizer, job.row.ids)
         with self._changed:
             self._active.extend(ready)
             self.largest_batch = max(self.largest_batch, len(self._active))
-        for job, row in zip(ready, decoder.add(prompts, settings), strict=True):
-            job.row = row
-            if job.on_text is not None:
-                job.text = TextSoFar(self.loaded.tokenizer, row.ids)
 
     def _report(self, decoder: BatchDecoder) -> None:
         """Send streaming rows their text, remove the rows that ended and the abandoned ones, then answer them (so
         ``/health`` never counts an answered request as in flight)."""
         tokenizer = self.loaded.tokenizer
-        done: list[tuple[Job, Answer]] = []
+        done: list[tuple[Job, Answer | Exception]] = []
         for job in self._active:
             row = job.row
             if job.stop.is_set():  # the client left: nobody reads the answer
                 done.append((job, Answer("", len(row.prompt), len(row.ids), "stop")))
+            elif row.error is not None:  # this row alone: its batch-mates go on
+                logger.warning("a request failed while decoding: %s: %s", type(row.error).__name__, row.error)
+                done.append((job, row.error))
             elif row.finish:
                 text = decode(tokenizer, row.ids)
                 if job.text is not None and text != job.text.shown:
@@ -177,7 +187,10 @@ class Scheduler:
         with self._changed:
             self._active = [job for job in self._active if job not in ended]
         for job, answer in done:
-            job.future.set_result(answer)
+            if isinstance(answer, Exception):
+                _fail(job, answer)
+            else:
+                job.future.set_result(answer)
 
 
 def _fail(job: Job, err: BaseException) -> None:

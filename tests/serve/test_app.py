@@ -4,6 +4,7 @@ api.py shape, httpx, the official openai client -- plus the app in-process for A
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import http.client
 import json
 import logging
@@ -12,6 +13,7 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from contextlib import contextmanager
@@ -28,6 +30,7 @@ from ptune.frontends.common import compose_frontend_config, load_model
 from ptune.inference.generation import GenerationSettings, encode_prompt, generate_answers, generate_ids, stream_answer
 from ptune.inference.loading import load_checkpoint
 from ptune.serve.app import build_app, main
+from ptune.serve.scheduler import Job, Scheduler
 from ptune.training.recipe import train
 from tests.conftest import FAST, REPO, compose_train, stop_process
 
@@ -165,6 +168,12 @@ def test_api_key_is_required_on_every_endpoint_when_configured(checkpoint, loade
                 assert response.headers["www-authenticate"] == "Bearer"
                 assert "API key" in response.json()["error"]["message"]
         good = {"Authorization": "Bearer s3cret"}
+        for headers in ({}, {"Authorization": "Bearer wrong"}):  # a liveness probe: up, and nothing more
+            probe = asgi(app, "GET", "/health", headers=headers)
+            assert probe.status_code == 200 and probe.json() == {"status": "ok"}
+        details = asgi(app, "GET", "/health", headers=good).json()
+        assert details["status"] == "ok" and details["max_batch_size"] == 16 and "batch" in details
+        assert asgi(app, "POST", "/health", headers={}).status_code == 401
         assert asgi(app, "GET", "/v1/models", headers=good).status_code == 200
         assert asgi(app, "POST", "/", headers=good, json={"prompt": PROMPTS[0], "max_length": 40}).status_code == 200
         chat = asgi(app, "POST", "/v1/chat/completions", headers=good, json={"messages": user("hi"), "max_tokens": 4})
@@ -589,3 +598,121 @@ def test_stream_takes_only_json_booleans_and_a_chunked_oversized_body_is_body_to
 
     response = httpx.post(f"{base_url}/", content=chunked(), headers={"Content-Type": "application/json"}, timeout=30)
     assert response.status_code == 413 and response.json()["error"]["code"] == "body_too_large", response.text
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A request the decoder cannot honour is refused alone (the real server)
+
+BAD_SETTINGS = [
+    ({"temperature": 1e-300}, "temperature"),  # divides the logits into inf: no distribution to sample
+    ({"temperature": 1e-45, "seed": 1}, "temperature"),
+    ({"temperature": 0.9, "seed": 2**64}, "seed"),  # past what torch.Generator.manual_seed takes
+    ({"temperature": 0.9, "seed": -(2**63) - 1}, "seed"),
+]
+
+
+@pytest.mark.parametrize(("bad", "field"), BAD_SETTINGS)
+def test_one_bad_request_in_a_batch_of_six_fails_alone_and_the_five_answer_as_alone(base_url, alone, bad, field):
+    chat = f"{base_url}/v1/chat/completions"
+    bodies = [{"messages": user(p)} for p in PROMPTS[:5]]
+    bodies.insert(2, {"messages": user(PROMPTS[5]), **bad})
+
+    def ask(body: dict) -> httpx.Response:
+        return httpx.post(chat, json=body, timeout=120)
+
+    watch = BatchWatch(base_url)
+    with ThreadPoolExecutor(6) as pool:
+        responses = list(pool.map(ask, bodies))
+    largest = watch.stop()
+    refused = responses.pop(2)
+    assert refused.status_code == 422, refused.text
+    assert refused.json()["error"]["param"] == field and field in refused.json()["error"]["message"]
+    assert [r.status_code for r in responses] == [200] * 5, [r.text for r in responses]
+    assert [r.json()["choices"][0]["message"]["content"] for r in responses] == alone[:5]
+    assert largest >= 3  # the five shared a batch
+    stream = httpx.post(chat, json={**bodies[2], "stream": True}, timeout=30)
+    assert stream.status_code == 422 and field in stream.text  # refused before a stream begins
+    reference = httpx.post(f"{base_url}/", json={"prompt": PROMPTS[5], "temperature": 1e-300}, timeout=30)
+    assert reference.status_code == 422 and "temperature" in reference.text
+
+
+def test_a_row_whose_settings_fail_in_the_decoder_fails_alone(loaded):
+    """Past the door's checks, a row's own failure (its generator, its token choice) is its alone: batch-mates
+    answer as they would alone."""
+    settings = GenerationSettings(max_new_tokens=MAX_NEW)
+    expected = generate_answers(loaded, [Example(p, "") for p in PROMPTS[:4]], settings, 1)
+    bad = [
+        dataclasses.replace(settings, do_sample=True, temperature=1e-300),  # inf/nan probabilities at a step
+        dataclasses.replace(settings, do_sample=True, seed=2**64),  # its generator cannot be seeded
+    ]
+    scheduler = Scheduler(loaded, max_batch_size=8, max_queue=8)
+    try:
+        jobs = []
+        for k, prompt in enumerate([PROMPTS[0], PROMPTS[5], PROMPTS[1], PROMPTS[2], PROMPTS[6], PROMPTS[3]]):
+            row_settings = {1: bad[0], 4: bad[1]}.get(k, settings)
+            prompt_ids = encode_prompt(loaded, prompt)
+            jobs.append(Job(lambda ids=prompt_ids, s=row_settings: (ids, s), threading.Event()))
+        futures = [scheduler.submit(job) for job in jobs]
+        outcomes = [f.exception(timeout=120) or f.result().text for f in futures]
+    finally:
+        scheduler.close(timeout=30)
+    assert isinstance(outcomes[1], RuntimeError) and "probability" in str(outcomes[1])
+    assert isinstance(outcomes[4], ValueError | RuntimeError) and "Overflow" in str(outcomes[4])
+    assert [outcomes[k] for k in (0, 2, 3, 5)] == expected
+    assert scheduler.largest_batch >= 4
+
+
+def test_text_must_be_unicode_and_integers_json_integers(base_url):
+    chat = f"{base_url}/v1/chat/completions"
+    lone = "abc\ud800"  # json.dumps writes it as the escape \ud800, which JSON allows
+    raw = [
+        (chat, {"messages": user(lone)}, "messages.0.content"),
+        (chat, {"messages": user(lone), "stream": True}, "messages.0.content"),
+        (chat, {"messages": [{"role": "user", "content": [{"type": "text", "text": lone}]}]}, None),
+        (f"{base_url}/", {"prompt": lone}, "prompt"),
+        (f"{base_url}/", {"prompt": "hi", "history": [[lone, "a"]]}, None),
+    ]
+    for url, body, param in raw:
+        content = json.dumps(body).encode()
+        response = httpx.post(url, content=content, headers={"Content-Type": "application/json"}, timeout=30)
+        assert response.status_code == 422, (body, response.text)
+        assert "lone surrogate" in response.json()["error"]["message"], response.text
+        assert param is None or response.json()["error"]["param"] == param
+    for url, body, field in [
+        (chat, {"messages": user("hi"), "max_tokens": True}, "max_tokens"),
+        (chat, {"messages": user("hi"), "max_completion_tokens": True}, "max_completion_tokens"),
+        (chat, {"messages": user("hi"), "temperature": 0.5, "seed": True}, "seed"),
+        (chat, {"messages": user("hi"), "max_tokens": 5.0}, "max_tokens"),
+        (f"{base_url}/", {"prompt": "hi", "max_length": True}, "max_length"),
+    ]:
+        response = httpx.post(url, json=body, timeout=30)
+        assert response.status_code == 422 and response.json()["error"]["param"] == field, (body, response.text)
+    paired = httpx.post(chat, json={"messages": user("类型#裙 \U0001f600"), "max_tokens": 3}, timeout=60)
+    assert paired.status_code == 200  # a character outside the BMP (a surrogate pair in JSON) is fine
+
+
+@pytest.fixture(scope="module")
+def keyed_server(checkpoint, tmp_path_factory):
+    log = tmp_path_factory.mktemp("serve-keyed") / "server.log"
+    running = start_server(checkpoint, log, "api_key=s3cret")
+    yield running
+    stop_process(running.proc)
+
+
+def test_health_answers_a_keyless_liveness_probe_and_details_only_with_the_key(keyed_server):
+    deadline = time.monotonic() + 120
+    while True:  # the models route needs the key, so wait on the keyless probe
+        try:
+            probe = httpx.get(f"{keyed_server.url}/health", timeout=2)
+            break
+        except httpx.TransportError:
+            assert keyed_server.proc.poll() is None and time.monotonic() < deadline, keyed_server.log.read_text()
+            time.sleep(0.2)
+    assert probe.status_code == 200 and probe.json() == {"status": "ok"}
+    wrong = httpx.get(f"{keyed_server.url}/health", headers={"Authorization": "Bearer nope"})
+    assert wrong.status_code == 200 and wrong.json() == {"status": "ok"}
+    good = {"Authorization": "Bearer s3cret"}
+    details = httpx.get(f"{keyed_server.url}/health", headers=good).json()
+    assert details["status"] == "ok" and details["max_batch_size"] == 16 and details["batch"] == 0
+    assert httpx.get(f"{keyed_server.url}/v1/models").status_code == 401
+    assert httpx.post(f"{keyed_server.url}/health").status_code == 401

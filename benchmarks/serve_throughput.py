@@ -12,9 +12,9 @@ first streamed piece; a whole answer for non-streaming requests), and each as a 
 client count. Each server first answers every prompt once, one at a time (a warm-up, untimed); every later answer
 must equal that one (checked).
 
-``--scheduler-clients N`` adds a table without HTTP: the same scheduler driven in-process by N client threads
-(fresh processes, alternating, same prompts and settings) one at a time, with continuous batching, and with
-static batches (a batch forms from whatever waited and runs until all of its rows end; this form lives only in
+``--scheduler-clients N`` adds a table without HTTP: the engine's scheduler driven in-process with N requests kept
+in flight (fresh processes, alternating, same prompts and settings) one at a time, with continuous batching, and
+with static batches (a batch forms from whatever waited and runs until all of its rows end; this form lives only in
 the benchmark). Against the HTTP table it shows what the server process's HTTP work costs the decoding.
 """
 
@@ -158,9 +158,8 @@ def summarise(wall: float, results: list[dict]) -> dict[str, float]:
 
 
 def scheduler_run(checkpoint: Path, mode: str, size: int, clients: int, requests: int, max_tokens: int) -> float:
-    """Generated tokens/s of ``ptune.serve.scheduler.Scheduler`` alone (no HTTP), in this process."""
-    import threading
-
+    """Generated tokens/s of ``ptune.serve.scheduler.Scheduler`` alone (no HTTP, no engine messages), in this
+    process: ``clients`` requests kept in flight, the next submitted as soon as one is answered."""
     import torch
 
     from ptune.frontends.common import compose_frontend_config, load_model
@@ -169,36 +168,24 @@ def scheduler_run(checkpoint: Path, mode: str, size: int, clients: int, requests
 
     class StaticBatches(Scheduler):
         def _slots_to_fill(self) -> int:  # nobody joins a running batch
-            return 0 if self._active else self.max_batch_size
+            return 0 if self.active else self.max_batch_size
 
     torch.set_num_threads(1)
     loaded = load_model(compose_frontend_config([f"checkpoint={checkpoint}"]))
     prompts = [encode_prompt(loaded, prompt) for prompt in dev_prompts()]
     settings = GenerationSettings(max_new_tokens=max_tokens)
-    scheduler = (StaticBatches if mode == "static" else Scheduler)(loaded, size, requests)
-    left, tokens, lock = list(range(requests)), [0], threading.Lock()
-
-    def client() -> None:  # requests back to back, half of them streaming (text sent to nobody)
-        while True:
-            with lock:
-                if not left:
-                    return
-                k = left.pop()
-            on_text = (lambda _text: None) if k % 2 else None
-            job = Job(lambda k=k: (prompts[k % len(prompts)], settings), threading.Event(), on_text)
-            answer = scheduler.submit(job).result()
-            with lock:
-                tokens[0] += answer.completion_tokens
-
-    threads = [threading.Thread(target=client) for _ in range(clients)]
+    scheduler = (StaticBatches if mode == "static" else Scheduler)(loaded, size)
+    sent, in_flight, tokens = 0, 0, 0
     start = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    wall = time.perf_counter() - start
-    scheduler.close()
-    return tokens[0] / wall
+    while sent < requests or scheduler.busy:
+        while in_flight < clients and sent < requests:  # half of them streaming (text made, sent to nobody)
+            prepare = lambda k=sent: (prompts[k % len(prompts)], settings)  # noqa: E731
+            scheduler.submit(Job(str(sent), prepare, stream=sent % 2 == 1))
+            sent, in_flight = sent + 1, in_flight + 1
+        for event in scheduler.run_once():
+            if event["kind"] == "done":
+                tokens, in_flight = tokens + event["completion_tokens"], in_flight - 1
+    return tokens / (time.perf_counter() - start)
 
 
 def dev_prompts() -> list[str]:

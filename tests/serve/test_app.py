@@ -13,7 +13,6 @@ import re
 import socket
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from contextlib import contextmanager
@@ -30,6 +29,8 @@ from ptune.frontends.common import compose_frontend_config, load_model
 from ptune.inference.generation import GenerationSettings, encode_prompt, generate_answers, generate_ids, stream_answer
 from ptune.inference.loading import load_checkpoint
 from ptune.serve.app import build_app, main
+from ptune.serve.client import EngineClient
+from ptune.serve.engine import EngineThread
 from ptune.serve.scheduler import Job, Scheduler
 from ptune.training.recipe import train
 from tests.conftest import FAST, REPO, compose_train, stop_process
@@ -111,12 +112,14 @@ def loaded(checkpoint):
 
 @contextmanager
 def in_process_app(checkpoint, loaded, *overrides: str):
+    """The app with its engine loop in a thread of this process (so a test can hook the model), over the same
+    sockets and messages as ``ptune serve``'s engine process."""
     cfg = compose_frontend_config([f"checkpoint={checkpoint}", f"generation.max_new_tokens={MAX_NEW}", *overrides])
-    app = build_app(cfg, loaded)
+    engine = EngineClient(cfg, start=lambda folder: EngineThread(folder, cfg, loaded))
     try:
-        yield app
+        yield build_app(cfg, engine)
     finally:
-        app.state.service.scheduler.close(timeout=30)
+        engine.close(timeout=30)
 
 
 def asgi(app, method: str, path: str, **kwargs) -> httpx.Response:
@@ -220,7 +223,7 @@ async def call_then_leave(
     await asyncio.wait_for(app(scope, receive, send), timeout=60)
     # the loop stays up until the model is free again, so only the stop event can have ended the generation early
     deadline = time.monotonic() + 60
-    while app.state.service.scheduler.health()["batch"] and time.monotonic() < deadline:
+    while app.state.service.engine.health()["batch"] and time.monotonic() < deadline:
         await asyncio.sleep(0.01)
     return chunks
 
@@ -641,24 +644,21 @@ def test_a_row_whose_settings_fail_in_the_decoder_fails_alone(loaded):
     answer as they would alone."""
     settings = GenerationSettings(max_new_tokens=MAX_NEW)
     expected = generate_answers(loaded, [Example(p, "") for p in PROMPTS[:4]], settings, 1)
-    bad = [
-        dataclasses.replace(settings, do_sample=True, temperature=1e-300),  # inf/nan probabilities at a step
-        dataclasses.replace(settings, do_sample=True, seed=2**64),  # its generator cannot be seeded
-    ]
-    scheduler = Scheduler(loaded, max_batch_size=8, max_queue=8)
-    try:
-        jobs = []
-        for k, prompt in enumerate([PROMPTS[0], PROMPTS[5], PROMPTS[1], PROMPTS[2], PROMPTS[6], PROMPTS[3]]):
-            row_settings = {1: bad[0], 4: bad[1]}.get(k, settings)
-            prompt_ids = encode_prompt(loaded, prompt)
-            jobs.append(Job(lambda ids=prompt_ids, s=row_settings: (ids, s), threading.Event()))
-        futures = [scheduler.submit(job) for job in jobs]
-        outcomes = [f.exception(timeout=120) or f.result().text for f in futures]
-    finally:
-        scheduler.close(timeout=30)
-    assert isinstance(outcomes[1], RuntimeError) and "probability" in str(outcomes[1])
-    assert isinstance(outcomes[4], ValueError | RuntimeError) and "Overflow" in str(outcomes[4])
-    assert [outcomes[k] for k in (0, 2, 3, 5)] == expected
+    bad = {
+        1: dataclasses.replace(settings, do_sample=True, temperature=1e-300),  # inf/nan probabilities at a step
+        4: dataclasses.replace(settings, do_sample=True, seed=2**64),  # its generator cannot be seeded
+    }
+    scheduler = Scheduler(loaded, max_batch_size=8)
+    for k, prompt in enumerate([PROMPTS[0], PROMPTS[5], PROMPTS[1], PROMPTS[2], PROMPTS[6], PROMPTS[3]]):
+        ids, row_settings = encode_prompt(loaded, prompt), bad.get(k, settings)
+        scheduler.submit(Job(str(k), lambda ids=ids, s=row_settings: (ids, s)))
+    outcomes: dict[str, str] = {}
+    while scheduler.busy:
+        for event in scheduler.run_once():
+            if event["kind"] in ("done", "error"):
+                outcomes[event["id"]] = event.get("text", event.get("message"))
+    assert "probability" in outcomes["1"] and "Overflow" in outcomes["4"]
+    assert [outcomes[k] for k in "0235"] == expected
     assert scheduler.largest_batch >= 4
 
 
@@ -716,3 +716,65 @@ def test_health_answers_a_keyless_liveness_probe_and_details_only_with_the_key(k
     assert details["status"] == "ok" and details["max_batch_size"] == 16 and details["batch"] == 0
     assert httpx.get(f"{keyed_server.url}/v1/models").status_code == 401
     assert httpx.post(f"{keyed_server.url}/health").status_code == 401
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The engine process
+
+
+def mapped_libraries(pid: int) -> str:
+    return Path(f"/proc/{pid}/maps").read_text()
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/PID/maps (Linux)")
+def test_the_http_process_imports_no_torch_and_the_engine_does(server, base_url):
+    assert ask_reference(base_url, PROMPTS[0])  # both processes have done real work
+    engine_pid = httpx.get(f"{base_url}/health").json()["engine_pid"]
+    assert engine_pid != server.proc.pid
+    assert "libtorch" not in mapped_libraries(server.proc.pid)  # torch's native library: loaded with ``import torch``
+    assert "libtorch" in mapped_libraries(engine_pid)
+    probe = [sys.executable, "-c", "import sys, ptune.serve.app; print('torch' in sys.modules)"]
+    assert subprocess.run(probe, capture_output=True, text=True, check=True, cwd=REPO).stdout.strip() == "False"
+
+
+def test_a_killed_engine_gives_in_flight_clients_503_health_says_so_and_the_server_exits_1(checkpoint, tmp_path):
+    dying = start_server(checkpoint, tmp_path / "server.log", "max_new_tokens_limit=4000")
+    try:
+        url = wait_until_up(dying)
+        engine_pid = httpx.get(f"{url}/health").json()["engine_pid"]
+        long = {"max_tokens": 4000}  # the tiny model rarely ends early: long enough to be killed mid-answer
+
+        def plain(prompt: str) -> httpx.Response:
+            return httpx.post(f"{url}/v1/chat/completions", json={"messages": user(prompt), **long}, timeout=120)
+
+        def streamed(prompt: str) -> list[str]:
+            body = {"messages": user(prompt), "stream": True, **long}
+            with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=120) as response:
+                return [line for line in response.iter_lines() if line.startswith("data: ")]
+
+        with ThreadPoolExecutor(6) as pool:
+            plains = [pool.submit(plain, p) for p in PROMPTS[:3]]
+            streams = [pool.submit(streamed, p) for p in PROMPTS[3:6]]
+            deadline = time.monotonic() + 60
+            while httpx.get(f"{url}/health").json()["batch"] < 6 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            os.kill(engine_pid, 9)
+            responses = [f.result(timeout=60) for f in plains]
+            events = [f.result(timeout=60) for f in streams]
+            health = httpx.get(f"{url}/health")
+        for response in responses:
+            assert response.status_code == 503, response.text
+            assert response.json()["error"]["code"] == "engine_dead"
+            assert f"engine process (pid {engine_pid}) exited" in response.json()["error"]["message"]
+        for lines in events:
+            error = json.loads(lines[-2][len("data: ") :])["error"]  # the last event before [DONE]
+            assert error["code"] == "engine_dead" and "engine process" in error["message"], lines[-3:]
+        assert health.status_code == 503 and health.json()["status"] == "engine_dead"
+        assert "exited with status -9" in health.json()["engine"]
+        refused = httpx.post(f"{url}/", json={"prompt": PROMPTS[0]}, timeout=30)
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "engine_dead"
+        assert dying.proc.wait(timeout=30) == 1  # not restarted: the server exits non-zero
+        assert "engine process" in dying.log.read_text()
+    finally:
+        if dying.proc.poll() is None:
+            stop_process(dying.proc)

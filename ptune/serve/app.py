@@ -2,11 +2,13 @@
 with the model in an engine process of its own (``ptune.serve.engine``).
 
     ptune serve checkpoint=outputs/DATE/TIME/checkpoint-200 [port=8000] [host=0.0.0.0] [api_key=SECRET]
+    ptune serve checkpoint=A,B,C        several checkpoints of one base (or checkpoint=FOLDER: those inside it)
 
 Endpoints:
   POST /                     ChatGLM2's reference ``api.py`` shape, so its clients keep working (``serve.reference``)
   POST /v1/chat/completions  OpenAI-compatible chat; ``"stream": true`` sends server-sent events
-  GET  /v1/models            the one model served: "<base folder>/<checkpoint folder>" (or the base's name)
+  GET  /v1/models            the models served: each checkpoint by its folder's name, then the bare base as
+                             ``base_name`` (``ptune.serve.models``); a request's ``model`` picks one
   GET  /health               engine alive, queue length, batch in flight, the limits, the largest batch so far
 
 The modules: this one (the HTTP process: the service, the ``/v1`` and ``/health`` routes, streaming, the command
@@ -94,8 +96,20 @@ class Service:
         self.cfg, self.engine = cfg, engine
         self.limit = int(cfg.max_new_tokens_limit)
         self.max_input_chars = int(cfg.max_input_chars)
-        self.model_id = engine.model_id
+        self.models, self.base_name = engine.models, str(cfg.base_name)
         self.created = int(time.time())
+
+    def model(self, requested: str | None) -> str:
+        """The served name a request's ``model`` picks: itself if served; left out, the default (the first
+        checkpoint). A server of one checkpoint answers any other name with it, as OpenAI-style clients send
+        names of their own; with several, an unknown name is a 404 listing them."""
+        if requested is None or requested in self.models:
+            return requested or self.models[0]
+        if len([m for m in self.models if m != self.base_name]) <= 1:
+            return self.models[0]
+        raise ApiError(
+            404, f"model {requested!r} is not served here; choose one of {self.models}", "model_not_found", "model"
+        )
 
     def check_input(self, query: str, history: Pairs) -> None:
         chars = len(query) + sum(len(q) + len(a) for q, a in history)
@@ -127,9 +141,12 @@ class Service:
         settings: dict,
         max_length: int | None = None,
         on_text: Callable[[str], None] | None = None,
+        model: str | None = None,
     ) -> Ticket:
-        """Hand a request to the engine; a full queue is a 503 with ``Retry-After``, a dead engine a 503."""
+        """Hand a request for ``model`` (a served name; None: the default) to the engine; a full queue is a 503
+        with ``Retry-After``, a dead engine a 503."""
         request = {
+            "model": model or self.models[0],
             "query": query,
             "history": [list(pair) for pair in history],
             "settings": settings,
@@ -150,11 +167,17 @@ class Service:
             raise ApiError(503, str(err), "engine_dead") from None
 
     async def answer_unless_left(
-        self, request: Request, query: str, history: Pairs, settings: dict, max_length: int | None = None
+        self,
+        request: Request,
+        query: str,
+        history: Pairs,
+        settings: dict,
+        max_length: int | None = None,
+        model: str | None = None,
     ) -> Answer:
         """The whole answer. A client that disconnects while it waits or generates frees its row at the next step,
         so an abandoned long answer holds up nobody."""
-        ticket = self.submit(query, history, settings, max_length)
+        ticket = self.submit(query, history, settings, max_length, model=model)
         waiting = asyncio.wrap_future(ticket.future)
         while not (await asyncio.wait({waiting}, timeout=DISCONNECT_POLL_SECONDS))[0]:
             if await request.is_disconnected():
@@ -222,8 +245,8 @@ def build_app(cfg: DictConfig, engine: EngineClient, close_engine: bool = False)
 
     @app.get("/v1/models")
     async def models() -> dict:
-        entry = {"id": service.model_id, "object": "model", "created": service.created, "owned_by": "ptune"}
-        return {"object": "list", "data": [entry]}
+        entry = {"object": "model", "created": service.created, "owned_by": "ptune"}
+        return {"object": "list", "data": [{"id": m, **entry} for m in service.models]}
 
     @app.get("/health")
     async def health(request: Request) -> JSONResponse:
@@ -236,6 +259,7 @@ def build_app(cfg: DictConfig, engine: EngineClient, close_engine: bool = False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
+        model = service.model(body.model)
         query, history = to_query(body.messages)
         service.check_input(query, history)
         settings = service.settings(
@@ -248,12 +272,12 @@ def build_app(cfg: DictConfig, engine: EngineClient, close_engine: bool = False)
         head = {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
             "created": int(time.time()),
-            "model": body.model or service.model_id,
+            "model": body.model or service.model(None),
         }
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
-            return _stream_completion(service, query, history, settings, head, usage)
-        answer = await service.answer_unless_left(request, query, history, settings)
+            return _stream_completion(service, query, history, settings, head, usage, model)
+        answer = await service.answer_unless_left(request, query, history, settings, model=model)
         return {
             **head,
             "object": "chat.completion",
@@ -277,7 +301,7 @@ def _usage(answer: Answer) -> dict:
 
 
 def _stream_completion(
-    service: Service, query: str, history: Pairs, settings: dict, head: dict, include_usage: bool
+    service: Service, query: str, history: Pairs, settings: dict, head: dict, include_usage: bool, model: str
 ) -> _EventStream:
     """Queue the request now (so a full queue is a plain 503), then stream its text as the engine sends it."""
     state: dict[str, Any] = {"sent": 0, "finished": False}
@@ -291,7 +315,7 @@ def _stream_completion(
         except RuntimeError:  # the event loop is gone (shutting down): stop generating
             ticket.stop()
 
-    ticket = service.submit(query, history, settings, on_text=lambda text: put(("text", text)))
+    ticket = service.submit(query, history, settings, on_text=lambda text: put(("text", text)), model=model)
     ticket.future.add_done_callback(lambda done: put(("done", done)))
 
     def chunk(delta: dict, finish: str | None = None) -> str:
@@ -346,7 +370,8 @@ def _stream_completion(
 def main(argv: list[str] | None = None) -> int:
     """Start the engine process, then serve HTTP until stopped: 0, or 1 when the engine died (2: a bad option)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    cfg = frontend_config("serve", sys.argv[1:] if argv is None else argv, __doc__, compose_chat_config)
+    argv = [_one_string(arg) for arg in (sys.argv[1:] if argv is None else argv)]
+    cfg = frontend_config("serve", argv, __doc__, compose_chat_config)
     if isinstance(cfg, int):
         return cfg
     servers: list[uvicorn.Server] = []
@@ -389,6 +414,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ptune serve: {engine.dead_message()}", file=sys.stderr)
         return 1
     return 0
+
+
+def _one_string(arg: str) -> str:
+    """``checkpoint=A,B,C`` as one string (Hydra reads a bare comma list as a sweep); the engine splits it."""
+    key, _, value = arg.partition("=")
+    if key == "checkpoint" and "," in value and value[:1] not in "'\"[":
+        return f"checkpoint='{value}'"
+    return arg
 
 
 if __name__ == "__main__":

@@ -111,7 +111,7 @@ class EngineClient:
         self.on_dead = on_dead
         self.process = (start or _engine_process)(self.folder)
         self.ready = self._wait_ready()
-        self.model_id: str = self.ready["model_id"]
+        self.models: list[str] = self.ready["models"]  # the names served, the default first
         self._receiver = threading.Thread(target=self._receive, name="ptune-engine-events", daemon=True)
         self._receiver.start()
         self._watcher = threading.Thread(target=self._watch, name="ptune-engine-watch", daemon=True)

@@ -24,12 +24,13 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import torch
 import zmq
 from omegaconf import DictConfig, OmegaConf
 
 from ptune.inference.generation import GenerationSettings, encode_prompt, fit_history
-from ptune.inference.loading import LoadedModel
 from ptune.serve import ipc
+from ptune.serve.models import Served, load_served
 from ptune.serve.reference import answer_tokens
 from ptune.serve.scheduler import Job, Scheduler
 
@@ -38,18 +39,14 @@ CONFIG_FILE = "config.yaml"
 logger = logging.getLogger(__name__)
 
 
-def model_id(loaded: LoadedModel) -> str:
-    base = Path(loaded.base_path).name
-    return f"{base}/{Path(loaded.checkpoint).name}" if loaded.checkpoint else base
-
-
-def request_job(cfg: DictConfig, loaded: LoadedModel, message: dict[str, Any]) -> Job:
-    """The scheduler's job for a ``submit`` message: its prompt (the newest history that fits) and settings."""
+def request_job(cfg: DictConfig, served: Served, message: dict[str, Any]) -> Job:
+    """The scheduler's job for a ``submit`` message: its prompt (the newest history that fits, in the format of
+    the model it asked for), its settings and that model's prefix."""
     from ptune.frontends.common import generation_settings
 
-    limit = int(cfg.max_new_tokens_limit)
+    limit, loaded = int(cfg.max_new_tokens_limit), served.loaded
 
-    def prepare() -> tuple[list[int], GenerationSettings]:
+    def prepare() -> tuple[list[int], GenerationSettings, Any]:
         history = [(q, a) for q, a in message["history"]]
         kept, dropped = fit_history(loaded, message["query"], history)
         if dropped:
@@ -59,13 +56,14 @@ def request_job(cfg: DictConfig, loaded: LoadedModel, message: dict[str, Any]) -
         if message.get("max_length") is not None:
             new_tokens = answer_tokens(message["max_length"], len(prompt), limit)
             settings = dataclasses.replace(settings, max_new_tokens=new_tokens)
-        return prompt, settings
+        return prompt, settings, served.prefix
 
     return Job(message["id"], prepare, stream=bool(message.get("stream")))
 
 
-def serve(folder: Path, cfg: DictConfig, loaded: LoadedModel, watch_parent: bool = True) -> None:
-    """Connect to the HTTP process's sockets in ``folder``, say ready, and run the busy loop until ``shutdown``."""
+def serve(folder: Path, cfg: DictConfig, served: list[Served], watch_parent: bool = True) -> None:
+    """Connect to the HTTP process's sockets in ``folder``, say ready (with the models' names, the default
+    first), and run the busy loop until ``shutdown``."""
     from ptune.frontends.common import describe
 
     context = zmq.Context()
@@ -73,8 +71,11 @@ def serve(folder: Path, cfg: DictConfig, loaded: LoadedModel, watch_parent: bool
     events = ipc.socket(context, zmq.PUSH, ipc.address(folder, ipc.EVENTS), bind=False)
     parent = os.getppid()
     try:
-        scheduler = Scheduler(loaded, int(cfg.max_batch_size))
-        ready = {"model_id": model_id(loaded), "describe": describe(loaded), "pid": os.getpid()}
+        by_name = {entry.name: entry for entry in served}
+        others = [entry.prefix for entry in served if isinstance(entry.prefix, torch.Tensor)]
+        scheduler = Scheduler(served[0].loaded, int(cfg.max_batch_size), others)
+        names = list(by_name)
+        ready = {"models": names, "describe": describe(served[0].loaded), "pid": os.getpid()}
         events.send(ipc.pack({"ready": ready}))
         while True:
             if not requests.poll(0 if scheduler.busy else IDLE_POLL_MS):
@@ -88,7 +89,7 @@ def serve(folder: Path, cfg: DictConfig, loaded: LoadedModel, watch_parent: bool
             while requests.poll(0):
                 message = ipc.unpack(requests.recv())
                 if message["op"] == "submit":
-                    scheduler.submit(request_job(cfg, loaded, message))
+                    scheduler.submit(request_job(cfg, by_name[message["model"]], message))
                 elif message["op"] == "cancel":
                     turn += scheduler.cancel(message["id"])
                 elif message["op"] == "shutdown":
@@ -107,9 +108,9 @@ class EngineThread:
     """The engine loop in a thread of this process, for tests that need to reach the model (hooks, timings); it
     looks to ``EngineClient`` like the engine's process."""
 
-    def __init__(self, folder: Path, cfg: DictConfig, loaded: LoadedModel) -> None:
+    def __init__(self, folder: Path, cfg: DictConfig, served: list[Served]) -> None:
         self.pid = os.getpid()
-        self.thread = threading.Thread(target=serve, args=(folder, cfg, loaded, False), name="ptune-engine")
+        self.thread = threading.Thread(target=serve, args=(folder, cfg, served, False), name="ptune-engine")
         self.thread.daemon = True
         self.thread.start()
 
@@ -129,7 +130,6 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     folder = Path(argv[0])
     from ptune.checkpoints.config_checks import check_frontend_config
-    from ptune.frontends.common import load_model
     from ptune.training.hydra_setup import route_library_logs
 
     cfg = OmegaConf.load(folder / CONFIG_FILE)
@@ -138,7 +138,7 @@ def main(argv: list[str]) -> int:
         check_frontend_config(cfg)
         route_library_logs()
         code = 1
-        loaded = load_model(cfg)
+        served = load_served(cfg)
     except (FileNotFoundError, NotADirectoryError, ValueError, TypeError, OSError, SystemExit) as err:
         context = zmq.Context()
         events = ipc.socket(context, zmq.PUSH, ipc.address(folder, ipc.EVENTS), bind=False)
@@ -148,7 +148,7 @@ def main(argv: list[str]) -> int:
         events.close()
         context.term()
         return code
-    serve(folder, cfg, loaded)
+    serve(folder, cfg, served)
     return 0
 
 

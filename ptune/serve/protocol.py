@@ -201,7 +201,7 @@ class StreamOptions(Body):
 class ChatCompletionRequest(Body):
     """OpenAI's chat completion request; fields not listed here are accepted and ignored."""
 
-    model: str | None = None  # accepted and echoed: this server has one model
+    model: str | None = None  # which served model answers (``ptune.serve.app.Service.model``); echoed back
     messages: list[Message] = Field(min_length=1)
     max_tokens: StrictInt | None = Field(None, ge=1)
     max_completion_tokens: StrictInt | None = Field(None, ge=1)  # the newer name of max_tokens

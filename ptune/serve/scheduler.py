@@ -19,9 +19,11 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
-from ptune.inference.generation import BatchDecoder, GenerationSettings, Row, TextSoFar, decode
+import torch
+
+from ptune.inference.generation import BatchDecoder, Row, TextSoFar, decode
 from ptune.inference.loading import LoadedModel
 
 logger = logging.getLogger(__name__)
@@ -30,11 +32,12 @@ Event = dict
 
 @dataclasses.dataclass(eq=False)
 class Job:
-    """One request: ``prepare`` (called when it joins) gives its prompt ids and settings; ``stream``: send its text
-    as it grows; ``stopped``: its client left."""
+    """One request: ``prepare`` (called when it joins) gives its prompt ids and settings (and its prefix, see
+    ``BatchDecoder.new_row``; the loaded model's own if left out); ``stream``: send its text as it grows;
+    ``stopped``: its client left."""
 
     id: str
-    prepare: Callable[[], tuple[list[int], GenerationSettings]]
+    prepare: Callable[[], tuple]
     stream: bool = False
     stopped: bool = False
     row: Row | None = None
@@ -45,11 +48,11 @@ class Scheduler:
     """The waiting queue and the batch in flight; see the module docstring. Not thread-safe: the engine's one
     thread calls ``submit``, ``cancel`` and ``run_once``."""
 
-    def __init__(self, loaded: LoadedModel, max_batch_size: int) -> None:
+    def __init__(self, loaded: LoadedModel, max_batch_size: int, other_prefixes: Sequence[torch.Tensor] = ()) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
-        self.loaded, self.max_batch_size = loaded, max_batch_size
-        self.decoder = BatchDecoder(loaded)
+        self.loaded, self.max_batch_size, self.other_prefixes = loaded, max_batch_size, list(other_prefixes)
+        self.decoder = BatchDecoder(loaded, self.other_prefixes)
         self.waiting: collections.deque[Job] = collections.deque()
         self.active: list[Job] = []
         self.largest_batch = 0
@@ -85,7 +88,7 @@ class Scheduler:
             logger.exception("generation failed for %d request(s)", len(self.active))
             events += [_error(job, err) for job in self.active]
             self.active = []
-            self.decoder = BatchDecoder(self.loaded)
+            self.decoder = BatchDecoder(self.loaded, self.other_prefixes)
         if len(self.active) != self._reported_batch:
             self._reported_batch = len(self.active)
             events.append({"kind": "stats", "batch": len(self.active), "largest_batch": self.largest_batch})

@@ -31,6 +31,7 @@ from ptune.inference.loading import load_checkpoint
 from ptune.serve.app import build_app, main
 from ptune.serve.client import EngineClient
 from ptune.serve.engine import EngineThread
+from ptune.serve.models import Served
 from ptune.serve.scheduler import Job, Scheduler
 from ptune.training.recipe import train
 from tests.conftest import FAST, REPO, compose_train, stop_process
@@ -115,7 +116,8 @@ def in_process_app(checkpoint, loaded, *overrides: str):
     """The app with its engine loop in a thread of this process (so a test can hook the model), over the same
     sockets and messages as ``ptune serve``'s engine process."""
     cfg = compose_frontend_config([f"checkpoint={checkpoint}", f"generation.max_new_tokens={MAX_NEW}", *overrides])
-    engine = EngineClient(cfg, start=lambda folder: EngineThread(folder, cfg, loaded))
+    served = [Served(Path(checkpoint).name, loaded, "own")]
+    engine = EngineClient(cfg, start=lambda folder: EngineThread(folder, cfg, served))
     try:
         yield build_app(cfg, engine)
     finally:
@@ -294,13 +296,13 @@ def test_reference_max_length_counts_the_prompt_and_is_clamped_to_the_limit(base
 
 def test_openai_shape_over_httpx_with_history_and_system_message(base_url):
     models = httpx.get(f"{base_url}/v1/models").json()
-    assert models["object"] == "list" and [m["id"] for m in models["data"]] == ["tiny-glm/checkpoint-6"]
+    assert models["object"] == "list" and [m["id"] for m in models["data"]] == ["checkpoint-6", "base"]
 
     response = httpx.post(f"{base_url}/v1/chat/completions", json={"messages": user(PROMPTS[0])}, timeout=60)
     assert response.status_code == 200
     done = response.json()
     assert done["object"] == "chat.completion" and done["id"].startswith("chatcmpl-")
-    assert isinstance(done["created"], int) and done["model"] == "tiny-glm/checkpoint-6"
+    assert isinstance(done["created"], int) and done["model"] == "checkpoint-6"
     choice = done["choices"][0]
     assert choice["message"]["role"] == "assistant" and choice["finish_reason"] in ("stop", "length")
     assert choice["message"]["content"] == ask_reference(base_url, PROMPTS[0])
@@ -324,7 +326,7 @@ def test_openai_shape_over_httpx_with_history_and_system_message(base_url):
 
 def test_openai_client_streamed_pieces_join_to_the_non_streamed_answer(base_url):
     client = OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0)
-    assert [m.id for m in client.models.list()] == ["tiny-glm/checkpoint-6"]
+    assert [m.id for m in client.models.list()] == ["checkpoint-6", "base"]
     whole = client.chat.completions.create(model="my-name", messages=user(PROMPTS[4]), max_tokens=30)
     assert whole.model == "my-name" and whole.choices[0].message.content
     chunks = list(

@@ -12,9 +12,13 @@ first streamed piece; a whole answer for non-streaming requests), and each as a 
 client count. Each server first answers every prompt once, one at a time (a warm-up, untimed); every later answer
 must equal that one (checked).
 
-``--scheduler-clients N`` adds a table without HTTP: the same scheduler driven in-process by N client threads
-(fresh processes, alternating, same prompts and settings) one at a time, with continuous batching, and with
-static batches (a batch forms from whatever waited and runs until all of its rows end; this form lives only in
+``--prefixes N`` adds a mixed load: the checkpoint served N times over (``checkpoint=A,A,...``, each its own prefix
+tensor, so rows carry different prefixes and take the mixed-batch path) plus the bare base, requests cycling
+through the N + 1 models, against the single-prefix load in the same rounds.
+
+``--scheduler-clients N`` adds a table without HTTP: the engine's scheduler driven in-process with N requests kept
+in flight (fresh processes, alternating, same prompts and settings) one at a time, with continuous batching, and
+with static batches (a batch forms from whatever waited and runs until all of its rows end; this form lives only in
 the benchmark). Against the HTTP table it shows what the server process's HTTP work costs the decoding.
 """
 
@@ -66,11 +70,13 @@ def free_port() -> int:
 
 
 def start_server(
-    checkpoint: Path, max_batch_size: int, max_tokens: int, threads: int, log: Path
+    checkpoint: Path, max_batch_size: int, max_tokens: int, threads: int, log: Path, prefixes: int = 1
 ) -> tuple[subprocess.Popen, str]:
+    """The real server; ``prefixes`` > 1 serves the checkpoint that many times over (each its own prefix tensor,
+    named p0, p1, ...) plus the bare base, as ``ptune serve checkpoint=A,B,...`` does."""
     port = free_port()
     settings = {
-        "checkpoint": checkpoint,
+        "checkpoint": ",".join([str(checkpoint)] * prefixes),
         "port": port,
         "max_batch_size": max_batch_size,
         "max_queue": 1000,
@@ -78,6 +84,8 @@ def start_server(
         "generation.do_sample": "false",
         "torch_threads": threads,
     }
+    if prefixes > 1:
+        settings["model_names"] = "[" + ",".join(f"p{k}" for k in range(prefixes)) + "]"
     command = [sys.executable, "-m", "ptune.serve.app", *(f"{key}={value}" for key, value in settings.items())]
     with open(log, "ab") as out:
         proc = subprocess.Popen(command, cwd=REPO, env=ENV, stdout=out, stderr=subprocess.STDOUT)
@@ -94,8 +102,8 @@ def start_server(
     raise RuntimeError("the server did not start")
 
 
-async def one_request(client: httpx.AsyncClient, prompt: str, stream: bool) -> dict:
-    body = {"messages": [{"role": "user", "content": prompt}], "stream": stream}
+async def one_request(client: httpx.AsyncClient, prompt: str, stream: bool, model: str | None = None) -> dict:
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "stream": stream}
     start = time.perf_counter()
     first = None
     if not stream:
@@ -121,11 +129,15 @@ async def one_request(client: httpx.AsyncClient, prompt: str, stream: bool) -> d
                         pieces.append(choice["delta"]["content"])
         end = time.perf_counter()
         text = "".join(pieces)
-    return {"prompt": prompt, "text": text, "tokens": tokens, "latency": end - start, "ttft": (first or end) - start}
+    ttft = (first or end) - start
+    return {"prompt": f"{model}|{prompt}", "text": text, "tokens": tokens, "latency": end - start, "ttft": ttft}
 
 
-async def drive(url: str, prompts: list[str], clients: int, requests: int) -> tuple[float, list[dict]]:
-    """``clients`` concurrent clients share ``requests`` requests, each sending its next as soon as one ends."""
+async def drive(
+    url: str, prompts: list[str], clients: int, requests: int, models: list[str] | None = None
+) -> tuple[float, list[dict]]:
+    """``clients`` concurrent clients share ``requests`` requests, each sending its next as soon as one ends
+    (request k asks ``models[k % len(models)]``: a mixed load; None: the server's default model)."""
     queue = list(range(requests))
     results: list[dict] = []
     limits = httpx.Limits(max_connections=clients + 4)
@@ -134,7 +146,8 @@ async def drive(url: str, prompts: list[str], clients: int, requests: int) -> tu
         async def worker() -> None:
             while queue:
                 k = queue.pop(0)
-                results.append(await one_request(client, prompts[k % len(prompts)], stream=k % 2 == 1))
+                model = models[k % len(models)] if models else None
+                results.append(await one_request(client, prompts[k % len(prompts)], k % 2 == 1, model))
 
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(clients)))
@@ -158,9 +171,8 @@ def summarise(wall: float, results: list[dict]) -> dict[str, float]:
 
 
 def scheduler_run(checkpoint: Path, mode: str, size: int, clients: int, requests: int, max_tokens: int) -> float:
-    """Generated tokens/s of ``ptune.serve.scheduler.Scheduler`` alone (no HTTP), in this process."""
-    import threading
-
+    """Generated tokens/s of ``ptune.serve.scheduler.Scheduler`` alone (no HTTP, no engine messages), in this
+    process: ``clients`` requests kept in flight, the next submitted as soon as one is answered."""
     import torch
 
     from ptune.frontends.common import compose_frontend_config, load_model
@@ -169,36 +181,24 @@ def scheduler_run(checkpoint: Path, mode: str, size: int, clients: int, requests
 
     class StaticBatches(Scheduler):
         def _slots_to_fill(self) -> int:  # nobody joins a running batch
-            return 0 if self._active else self.max_batch_size
+            return 0 if self.active else self.max_batch_size
 
     torch.set_num_threads(1)
     loaded = load_model(compose_frontend_config([f"checkpoint={checkpoint}"]))
     prompts = [encode_prompt(loaded, prompt) for prompt in dev_prompts()]
     settings = GenerationSettings(max_new_tokens=max_tokens)
-    scheduler = (StaticBatches if mode == "static" else Scheduler)(loaded, size, requests)
-    left, tokens, lock = list(range(requests)), [0], threading.Lock()
-
-    def client() -> None:  # requests back to back, half of them streaming (text sent to nobody)
-        while True:
-            with lock:
-                if not left:
-                    return
-                k = left.pop()
-            on_text = (lambda _text: None) if k % 2 else None
-            job = Job(lambda k=k: (prompts[k % len(prompts)], settings), threading.Event(), on_text)
-            answer = scheduler.submit(job).result()
-            with lock:
-                tokens[0] += answer.completion_tokens
-
-    threads = [threading.Thread(target=client) for _ in range(clients)]
+    scheduler = (StaticBatches if mode == "static" else Scheduler)(loaded, size)
+    sent, in_flight, tokens = 0, 0, 0
     start = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    wall = time.perf_counter() - start
-    scheduler.close()
-    return tokens[0] / wall
+    while sent < requests or scheduler.busy:
+        while in_flight < clients and sent < requests:  # half of them streaming (text made, sent to nobody)
+            prepare = lambda k=sent: (prompts[k % len(prompts)], settings)  # noqa: E731
+            scheduler.submit(Job(str(sent), prepare, stream=sent % 2 == 1))
+            sent, in_flight = sent + 1, in_flight + 1
+        for event in scheduler.run_once():
+            if event["kind"] == "done":
+                tokens, in_flight = tokens + event["completion_tokens"], in_flight - 1
+    return tokens / (time.perf_counter() - start)
 
 
 def dev_prompts() -> list[str]:
@@ -238,6 +238,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16, help="the batched mode's max_batch_size")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument(
+        "--prefixes", type=int, default=1, help="also a mixed load: the checkpoint served N times over plus the base"
+    )
+    parser.add_argument(
         "--threads", type=int, default=1, help="the server's torch threads (1 leaves a core to the clients)"
     )
     parser.add_argument(
@@ -252,20 +255,24 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="ptune-serve-bench-"))
     checkpoint = args.checkpoint or train_checkpoint(work)
     prompts = dev_prompts()
-    modes = {"one at a time": 1, f"batched ({args.batch_size})": args.batch_size}
+    modes = {"one at a time": (1, 1), f"batched ({args.batch_size})": (args.batch_size, 1)}
+    if args.prefixes > 1:
+        modes[f"batched ({args.batch_size}), {args.prefixes} prefixes + base"] = (args.batch_size, args.prefixes)
     measured: dict[tuple[str, int], list[dict[str, float]]] = {}
     answers: dict[str, str] = {}
     loads = [os.getloadavg()[0]]
     for _ in range(args.rounds):
-        for mode, size in modes.items():
-            proc, url = start_server(checkpoint, size, args.max_tokens, args.threads, work / "server.log")
+        for mode, (size, prefixes) in modes.items():
+            proc, url = start_server(checkpoint, size, args.max_tokens, args.threads, work / "server.log", prefixes)
+            served = [m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]] if prefixes > 1 else None
             try:  # warm-up, one prompt at a time: the answers every later one must equal
-                _, alone = asyncio.run(drive(url, prompts, 1, len(prompts)))
+                _, alone = asyncio.run(drive(url, prompts, 1, len(prompts) * len(served or [0]), served))
                 for r in alone:
                     if answers.setdefault(r["prompt"], r["text"]) != r["text"]:
                         raise AssertionError(f"{mode}: the answer asked alone differs for {r['prompt']!r}")
                 for clients in args.clients:
-                    wall, results = asyncio.run(drive(url, prompts, clients, max(args.requests, 2 * clients)))
+                    requests = max(args.requests, 2 * clients)
+                    wall, results = asyncio.run(drive(url, prompts, clients, requests, served))
                     for r in results:  # greedy: every answer equals the first one seen for its prompt
                         if answers.setdefault(r["prompt"], r["text"]) != r["text"]:
                             raise AssertionError(f"{mode}, {clients} clients: answer differs for {r['prompt']!r}")

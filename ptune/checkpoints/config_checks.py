@@ -26,7 +26,6 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
-from ptune.model.base import config_sha256, effective_config
 from ptune.utils.paths import REPO_ROOT
 
 logger = logging.getLogger(__name__)
@@ -287,6 +286,9 @@ def base_config_problem(meta: dict[str, Any], base_path: str | Path) -> str | No
     Compared as loaded (:func:`ptune.model.base.effective_config`): an original ChatGLM2 folder and its
     ``ptune convert`` output are one base, while any value that changes the model (``rope_theta``, a layer count,
     a saved quantization) still differs. A config transformers does not know is compared as written."""
+    # imported here: the config checks above run in the HTTP process of ``ptune serve``, which never imports torch
+    from ptune.model.base import config_sha256, effective_config
+
     recorded = meta["base_model"]
     if config_sha256(base_path) == recorded["config_sha256"]:
         return None

@@ -7,19 +7,17 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
 from ptune.checkpoints.config_checks import check_frontend_config
+from ptune.frontends.config import compose_chat_config
 from ptune.inference.generation import GenerationSettings, fit_history, query_is_cut
 from ptune.inference.loading import LoadedModel, load_base, load_checkpoint
-from ptune.utils.paths import REPO_ROOT
 
 
 def compose_frontend_config(overrides: list[str]) -> DictConfig:
-    """``conf/chat.yaml`` with command-line ``key=value`` overrides, as Hydra composes it for train.py."""
-    with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="chat", overrides=overrides)
+    """``conf/chat.yaml`` with command-line ``key=value`` overrides, as Hydra composes it for train.py, checked."""
+    cfg = compose_chat_config(overrides)
     check_frontend_config(cfg)  # a bad value fails here, naming its key, not in every request
     return cfg
 

@@ -4,6 +4,7 @@ one-line message instead of a traceback when any of them is wrong."""
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from hydra.errors import HydraException
@@ -29,20 +30,32 @@ def help_text(name: str, doc: str | None) -> str:
     return f"{usage}\n\nOptions: key=value overrides of conf/chat.yaml (defaults and what each does):\n\n{options}"
 
 
-def frontend_setup(name: str, argv: list[str], doc: str | None) -> tuple[DictConfig, LoadedModel] | int:
-    """``(config, loaded model)``, or the exit status after printing the help (0) or a one-line error (2: bad
-    config or override, 1: the model could not be loaded)."""
-    from ptune.frontends.common import compose_frontend_config, load_model  # after --help: it imports torch
-
+def frontend_config(
+    name: str, argv: list[str], doc: str | None, compose: Callable[[list[str]], DictConfig] | None = None
+) -> DictConfig | int:
+    """The composed config (``compose``: checked by default, which imports torch), or the exit status after
+    printing the help (0) or a one-line error (2: bad config or override)."""
     if any(arg in HELP_FLAGS for arg in argv):
         print(help_text(name, doc))
         return 0
+    if compose is None:
+        from ptune.frontends.common import compose_frontend_config as compose  # after --help: it imports torch
     try:
-        cfg = compose_frontend_config(list(argv))
+        return compose(list(argv))
     except (HydraException, OmegaConfBaseException, ConfigError) as err:
         line = override_problem(err, "chat") if not isinstance(err, ConfigError) else _one_line(err)
         print(f"ptune {name}: {line} (ptune {name} --help lists the keys)", file=sys.stderr)
         return 2
+
+
+def frontend_setup(name: str, argv: list[str], doc: str | None) -> tuple[DictConfig, LoadedModel] | int:
+    """``(config, loaded model)``, or the exit status after printing the help (0) or a one-line error (2: bad
+    config or override, 1: the model could not be loaded)."""
+    cfg = frontend_config(name, argv, doc)
+    if isinstance(cfg, int):
+        return cfg
+    from ptune.frontends.common import load_model
+
     route_library_logs()
     try:
         loaded = load_model(cfg)

@@ -136,23 +136,33 @@ class Row:
     settings: GenerationSettings
     chooser: LogitsProcessorList | None
     generator: torch.Generator | None  # a sampled row's own random stream: its answer depends on its seed only
+    prefix: torch.Tensor | None = None  # its prefix keys/values, [layers, 2, heads, length, dim]; None: the bare base
     ids: list[int] = field(default_factory=list)
-    finish: str | None = None  # "stop" (an end token) or "length" (max_new_tokens reached)
+    finish: str | None = None  # "stop" (an end token), "length" (max_new_tokens reached) or "error" (see error)
+    error: Exception | None = None  # why this row alone could not go on (its batch-mates are not touched)
 
 
 class BatchDecoder:
     """Step-wise batched decoding with rows that join and leave between steps (continuous batching).
 
-    ``add`` encodes new prompts together (left-padded) and merges their KV cache into the running batch, ``step``
-    decodes one token for every row, ``remove`` takes rows out (finished, or their client gone). Each row keeps
+    ``add`` encodes new prompts together (left-padded) and merges their KV cache into the running batch (``new_row``
+    then ``join`` do the same in two steps, so a row whose settings fail fails alone), ``step`` decodes one token
+    for every row, ``remove`` takes rows out (finished, or their client gone). A row whose token cannot be chosen
+    (its sampling settings give no distribution) ends with ``finish == "error"`` and its ``error``; the others go
+    on. Each row keeps
     its own positions (0 at its first real token), so a row's tokens are those it would get alone. With a prefix,
     its keys/values are computed once (``PrefixTunedModel.inference_prefix``) and sit at the front of every row's
     cache instead of being recomputed and concatenated at every step of every layer. Cache layout per row:
     ``[prefix | left padding | prompt and answer so far]``; the attention mask marks the padding.
 
+    Rows may carry different prefixes (several checkpoints of one base, ``ptune serve checkpoint=A,B``) or none
+    (the bare base): ``new_row(..., prefix=...)``. The prefix region is then as wide as the longest prefix given
+    (``other_prefixes``); a row's own prefix fills its first columns and the mask hides the rest, so each row
+    attends to its own prefix only. Prefix keys carry no position, so where they sit does not change an answer.
+
     Not thread-safe: one thread owns a decoder (and the model) at a time."""
 
-    def __init__(self, loaded: LoadedModel) -> None:
+    def __init__(self, loaded: LoadedModel, other_prefixes: Sequence[torch.Tensor] = ()) -> None:
         self.loaded, self.model = loaded, loaded.model
         self.stops = eos_ids(loaded)
         self._stop_set = set(self.stops)
@@ -172,27 +182,32 @@ class BatchDecoder:
             self._forward_context = self.model.prefix_in_cache
         else:
             self._prefix, self._forward_context = None, contextlib.nullcontext
+        known = [p for p in (self._prefix, *other_prefixes) if p is not None]
+        self._prefix_length = max((p.shape[3] for p in known), default=0)  # the prefix region's width
+        self._prefix_like = known[0] if known else None  # its layers, heads and head size
 
-    @property
-    def _prefix_length(self) -> int:
-        return 0 if self._prefix is None else self._prefix.shape[3]
-
-    @torch.inference_mode()
     def add(self, prompts: Sequence[list[int]], settings: Sequence[GenerationSettings]) -> list[Row]:
         """Encode ``prompts`` together and add them to the batch with their first answer token chosen."""
-        rows = []
-        for prompt, row_settings in zip(prompts, settings, strict=True):
-            sampled = row_settings.do_sample
-            generator = torch.Generator(self.device).manual_seed(row_settings.seed) if sampled else None
-            rows.append(Row(list(prompt), row_settings, _token_chooser(row_settings, self.top_k), generator))
+        return self.join([self.new_row(prompt, s) for prompt, s in zip(prompts, settings, strict=True)])
+
+    def new_row(self, prompt: Sequence[int], settings: GenerationSettings, prefix: torch.Tensor | str = "own") -> Row:
+        """A row for ``prompt``, not yet in the batch; its settings fail here (a seed out of range), for it alone.
+        ``prefix``: the loaded model's own ("own"), another's keys/values (one of ``other_prefixes``), or None."""
+        own = isinstance(prefix, str)
+        if not own and prefix is not None and prefix.shape[3] > self._prefix_length:
+            raise ValueError(f"a prefix of {prefix.shape[3]} positions is longer than this decoder's region")
+        generator = torch.Generator(self.device).manual_seed(settings.seed) if settings.do_sample else None
+        chooser = _token_chooser(settings, self.top_k)
+        return Row(list(prompt), settings, chooser, generator, self._prefix if own else prefix)
+
+    @torch.inference_mode()
+    def join(self, rows: list[Row]) -> list[Row]:
+        """Encode ``rows`` together and add them to the batch with their first answer token chosen."""
         ids, real = _left_padded([r.prompt for r in rows], self.pad_id)
         cache = DynamicCache(config=self.model.config)
-        ones = torch.ones(len(rows), self._prefix_length, dtype=real.dtype)
-        if self._prefix is not None:
-            for layer, kv in enumerate(self._prefix):
-                keys, values = (part.unsqueeze(0).expand(len(rows), -1, -1, -1).contiguous() for part in kv)
-                cache.update(keys, values, layer)
-        mask = torch.cat([ones, real], dim=1).to(self.device)
+        mask = torch.cat([self._prefix_mask(rows), real], dim=1).to(self.device)
+        for layer, (keys, values) in enumerate(self._prefix_rows(rows)):
+            cache.update(keys, values, layer)
         # positions as ``generate`` gives them: counted over real tokens, padding at 0
         positions = (real.cumsum(-1) - 1).masked_fill(real == 0, 0).to(self.device)
         logits = self._forward(ids.to(self.device), mask, positions, cache)
@@ -233,6 +248,32 @@ class BatchDecoder:
         for layer in self._cache.layers:
             layer.keys, layer.values = layer.keys[index][:, :, columns], layer.values[index][:, :, columns]
 
+    def _prefix_mask(self, rows: list[Row]) -> torch.Tensor:
+        """[rows, prefix region]: 1 over each row's own prefix, 0 over the rest of the region."""
+        lengths = torch.tensor([0 if r.prefix is None else r.prefix.shape[3] for r in rows])
+        return (torch.arange(self._prefix_length)[None, :] < lengths[:, None]).long()
+
+    def _prefix_rows(self, rows: list[Row]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Each layer's ``[rows, heads, region, dim]`` keys and values: each row's prefix in its first columns
+        (zeros past it, masked). Rows sharing one full-width prefix (one checkpoint served) are one expand."""
+        if self._prefix_like is None:
+            return
+        first = rows[0].prefix
+        shared = first is not None and first.shape[3] == self._prefix_length and all(r.prefix is first for r in rows)
+        for layer in range(self._prefix_like.shape[0]):
+            if shared:
+                yield tuple(part.unsqueeze(0).expand(len(rows), -1, -1, -1).contiguous() for part in first[layer])
+                continue
+            _, heads, _, dim = self._prefix_like[layer].shape
+            like = self._prefix_like
+            keys = like.new_zeros(len(rows), heads, self._prefix_length, dim)
+            values = like.new_zeros(len(rows), heads, self._prefix_length, dim)
+            for k, row in enumerate(rows):
+                if row.prefix is not None:
+                    keys[k, :, : row.prefix.shape[3]] = row.prefix[layer, 0]
+                    values[k, :, : row.prefix.shape[3]] = row.prefix[layer, 1]
+            yield keys, values
+
     def _forward(self, ids, mask, positions, cache) -> torch.Tensor:
         with self._forward_context():
             out = self.model(
@@ -260,8 +301,12 @@ class BatchDecoder:
         for k, row in enumerate(rows):
             token = greedy[k]
             if row.chooser is not None:
-                scores = row.chooser(None, logits[k : k + 1])
-                token = int(torch.multinomial(scores.softmax(dim=-1), 1, generator=row.generator))
+                try:
+                    scores = row.chooser(None, logits[k : k + 1])
+                    token = int(torch.multinomial(scores.softmax(dim=-1), 1, generator=row.generator))
+                except RuntimeError as err:  # e.g. inf/nan probabilities: this row's settings, not the batch's
+                    row.finish, row.error = "error", err
+                    continue
             if token in self._stop_set:
                 row.finish = "stop"
                 continue
@@ -306,6 +351,8 @@ def generate_ids(
             ended = [r for r in decoder.rows if r.finish or (stop is not None and stop.is_set())]
             decoder.remove(ended)
             for row in ended:
+                if row.error is not None:
+                    raise row.error
                 yield index[id(row)], row.ids
             if decoder.rows:
                 decoder.step()
@@ -345,6 +392,8 @@ def stream_answer(
         sent = text.shown
         if text.update() != sent:
             yield text.shown
+        if row.error is not None:
+            raise row.error
         if row.finish or (stop is not None and stop.is_set()):
             break
         decoder.step()

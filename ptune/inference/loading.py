@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ptune.checkpoints.config_checks import check_base_model
@@ -82,6 +83,38 @@ def load_checkpoint(
         checkpoint=str(checkpoint),
         metadata=meta,
     )
+
+
+def load_prefix_on(
+    first: LoadedModel, checkpoint: str | Path, allow_base_mismatch: bool = False
+) -> tuple[LoadedModel, torch.Tensor]:
+    """Another checkpoint on ``first``'s base, which is not loaded again (``ptune serve checkpoint=A,B``): its
+    prompt format and lengths, sharing ``first``'s model and tokenizer, and its prefix's keys/values for inference
+    (``[layers, 2, heads, length, dim]`` in the base's dtype). A checkpoint trained on another base is refused,
+    naming the config keys that differ, unless ``allow_base_mismatch``."""
+    meta = read_metadata(checkpoint)
+    check_base_model(checkpoint, meta, first.base_path, allow_base_mismatch)
+    base = first.model.base if isinstance(first.model, PrefixTunedModel) else first.model
+    spec = meta["prefix"]
+    prefix = build_prefix(PrefixShape(**spec["shape"]), spec, hidden_size=base.config.hidden_size)
+    if PrefixShape.from_config(base.config) != prefix.shape:
+        raise ValueError(f"{checkpoint}: its prefix was built for {prefix.shape}, not for the base {first.base_path}")
+    load_prefix_weights(checkpoint, prefix)
+    with torch.inference_mode():
+        weight = next(base.parameters())
+        kv = prefix.to(weight.device).eval()().to(weight.dtype)
+    config = meta["config"]
+    loaded = LoadedModel(
+        model=first.model,
+        tokenizer=first.tokenizer,
+        prompt_format=PromptFormat.from_config(config["model"]["prompt"]),
+        base_path=first.base_path,
+        max_source_length=config["dataset"]["max_source_length"],
+        max_target_length=config["dataset"]["max_target_length"],
+        checkpoint=str(checkpoint),
+        metadata=meta,
+    )
+    return loaded, kv
 
 
 def load_base(

@@ -2,7 +2,11 @@
 every route (API key, body size), and the OpenAI request bodies with their checks (pydantic).
 
 Errors are OpenAI's shape, ``{"error": {"message", "type", "param", "code"}, "status"}``, so the openai client
-shows them. JSON booleans are strict (``"stream": "yes"`` is a 422, not true).
+shows them. JSON booleans and integers are strict (``"stream": "yes"`` and ``"max_tokens": true`` are 422s, not
+true and 1). Text must be encodable as UTF-8: a lone surrogate (``"\\ud800"``, which JSON allows and Python's JSON
+parser keeps) is a 422 here rather than a failure in the tokenizer. Every setting a row decodes with is checked
+here, so a request the decoder cannot honour is refused alone, before it reaches a batch: ``temperature`` is 0
+(greedy) or at least ``MIN_TEMPERATURE``, ``seed`` within what ``torch.Generator.manual_seed`` takes.
 """
 
 from __future__ import annotations
@@ -10,18 +14,22 @@ from __future__ import annotations
 import logging
 import secrets
 from collections.abc import Sequence
-from typing import Literal
+from typing import Annotated, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.types import Message as AsgiMessage
 
 logger = logging.getLogger("ptune.serve.app")
 Pairs = list[tuple[str, str]]
+# below this a positive temperature divides float32 logits into inf (1e-45 does), and sampling there is greedy in
+# all but name: 0 asks for greedy. vLLM's sampler uses the same epsilon (1e-5) to treat a temperature as greedy.
+MIN_TEMPERATURE = 1e-5
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes (a signed or an unsigned 64-bit int)
 
 
 class ApiError(Exception):
@@ -58,7 +66,9 @@ def _validation_message(exc: RequestValidationError) -> tuple[int, str, str, str
         return 422, "send the body as a JSON object with 'Content-Type: application/json'", "invalid_request", None
     parts, first = [], None
     for e in errors:
-        loc = [str(x) for x in e.get("loc", ()) if x != "body"]
+        # pydantic names union members and validators in the location ("list[TextPart]", "function-after[...]");
+        # the client wants the field
+        loc = [str(x) for x in e.get("loc", ()) if x != "body" and "[" not in str(x)]
         where = ".".join(loc) or "body"
         first = first or where
         parts.append(f"{where}: {str(e.get('msg', 'invalid')).removeprefix('Value error, ')}")
@@ -87,7 +97,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
 class RequestGate:
     """ASGI middleware in front of every route: the API key (when one is set) and a cap on the body's bytes, so a
-    huge body is refused before it is read into memory."""
+    huge body is refused before it is read into memory. ``GET /health`` is the one route let through without the
+    key (a liveness probe); ``request.state.authorized`` tells it whether to show its details."""
 
     def __init__(self, app: ASGIApp, key: str | None, max_body_bytes: int) -> None:
         self.app = app
@@ -105,7 +116,10 @@ class RequestGate:
             await self.app(scope, receive, send)
             return
         headers = dict(scope.get("headers") or [])
-        if self.key is not None and not self._authorized(headers):
+        authorized = self.key is None or self._authorized(headers)
+        # load balancers probe liveness without credentials: /health answers them, but only with its status
+        scope.setdefault("state", {})["authorized"] = authorized
+        if not authorized and not (scope["path"] == "/health" and scope["method"] in ("GET", "HEAD")):
             message = "missing or wrong API key: send 'Authorization: Bearer <api_key>'"
             response = error_response(401, message, "invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
             await response(scope, receive, send)
@@ -133,18 +147,47 @@ class RequestGate:
 # OpenAI request bodies
 
 
+def _encodable(text: str) -> str:
+    """Text the tokenizer can take: a lone surrogate (valid JSON, not Unicode text) names its position."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(
+            f"the text holds a lone surrogate ({text[err.start]!r} at character {err.start}), which is not Unicode "
+            "text; send valid UTF-8 (a surrogate pair's halves together)"
+        ) from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_encodable)]
+
+
+def check_temperature(value: float | None) -> float | None:
+    """0 (greedy) or at least ``MIN_TEMPERATURE``."""
+    if value is not None and 0 < value < MIN_TEMPERATURE:
+        raise ValueError(f"must be 0 (greedy) or at least {MIN_TEMPERATURE}; {value} is too small to sample with")
+    return value
+
+
+def check_seed(value: int | None) -> int | None:
+    low, high = SEED_RANGE
+    if value is not None and not low <= value <= high:
+        raise ValueError(f"must be between {low} and {high} (a 64-bit integer, as torch.Generator takes)")
+    return value
+
+
 class Body(BaseModel):
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
 
 class TextPart(Body):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class Message(Body):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    content: Text | list[TextPart]
 
     @property
     def text(self) -> str:
@@ -158,14 +201,14 @@ class StreamOptions(Body):
 class ChatCompletionRequest(Body):
     """OpenAI's chat completion request; fields not listed here are accepted and ignored."""
 
-    model: str | None = None  # accepted and echoed: this server has one model
+    model: str | None = None  # which served model answers (``ptune.serve.app.Service.model``); echoed back
     messages: list[Message] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)  # the newer name of max_tokens
-    temperature: float | None = Field(None, ge=0, le=2)
+    max_tokens: StrictInt | None = Field(None, ge=1)
+    max_completion_tokens: StrictInt | None = Field(None, ge=1)  # the newer name of max_tokens
+    temperature: Annotated[float | None, AfterValidator(check_temperature)] = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    seed: int | None = None
-    n: int | None = None
+    seed: Annotated[StrictInt | None, AfterValidator(check_seed)] = None
+    n: StrictInt | None = None
     stop: str | list[str] | None = None
     stream: StrictBool = False
     stream_options: StreamOptions | None = None

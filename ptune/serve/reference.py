@@ -11,12 +11,12 @@ totals. Left out, the answer gets ``generation.max_new_tokens``. ``temperature``
 from __future__ import annotations
 
 import time
-from typing import Any, Protocol
+from typing import Annotated, Any, Protocol
 
 from fastapi import FastAPI, Request
-from pydantic import Field, field_validator
+from pydantic import AfterValidator, Field, StrictInt, field_validator
 
-from ptune.serve.protocol import Body
+from ptune.serve.protocol import Body, Text, check_temperature
 
 
 class AnswerService(Protocol):
@@ -34,11 +34,11 @@ class AnswerService(Protocol):
 class ReferenceRequest(Body):
     """ChatGLM2's ``api.py`` request."""
 
-    prompt: str
-    history: list[tuple[str, str]] | None = None
-    max_length: int | None = Field(None, ge=1)  # total tokens, prompt included (see the module docstring)
+    prompt: Text
+    history: list[tuple[Text, Text]] | None = None
+    max_length: StrictInt | None = Field(None, ge=1)  # total tokens, prompt included (see the module docstring)
     top_p: float | None = Field(None, gt=0, le=1)
-    temperature: float | None = Field(None, ge=0)
+    temperature: Annotated[float | None, AfterValidator(check_temperature)] = Field(None, ge=0)
 
     @field_validator("prompt")
     @classmethod

@@ -4,6 +4,7 @@ api.py shape, httpx, the official openai client -- plus the app in-process for A
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import http.client
 import json
 import logging
@@ -28,6 +29,10 @@ from ptune.frontends.common import compose_frontend_config, load_model
 from ptune.inference.generation import GenerationSettings, encode_prompt, generate_answers, generate_ids, stream_answer
 from ptune.inference.loading import load_checkpoint
 from ptune.serve.app import build_app, main
+from ptune.serve.client import EngineClient
+from ptune.serve.engine import EngineThread
+from ptune.serve.models import Served
+from ptune.serve.scheduler import Job, Scheduler
 from ptune.training.recipe import train
 from tests.conftest import FAST, REPO, compose_train, stop_process
 
@@ -108,12 +113,15 @@ def loaded(checkpoint):
 
 @contextmanager
 def in_process_app(checkpoint, loaded, *overrides: str):
+    """The app with its engine loop in a thread of this process (so a test can hook the model), over the same
+    sockets and messages as ``ptune serve``'s engine process."""
     cfg = compose_frontend_config([f"checkpoint={checkpoint}", f"generation.max_new_tokens={MAX_NEW}", *overrides])
-    app = build_app(cfg, loaded)
+    served = [Served(Path(checkpoint).name, loaded, "own")]
+    engine = EngineClient(cfg, start=lambda folder: EngineThread(folder, cfg, served))
     try:
-        yield app
+        yield build_app(cfg, engine)
     finally:
-        app.state.service.scheduler.close(timeout=30)
+        engine.close(timeout=30)
 
 
 def asgi(app, method: str, path: str, **kwargs) -> httpx.Response:
@@ -165,6 +173,12 @@ def test_api_key_is_required_on_every_endpoint_when_configured(checkpoint, loade
                 assert response.headers["www-authenticate"] == "Bearer"
                 assert "API key" in response.json()["error"]["message"]
         good = {"Authorization": "Bearer s3cret"}
+        for headers in ({}, {"Authorization": "Bearer wrong"}):  # a liveness probe: up, and nothing more
+            probe = asgi(app, "GET", "/health", headers=headers)
+            assert probe.status_code == 200 and probe.json() == {"status": "ok"}
+        details = asgi(app, "GET", "/health", headers=good).json()
+        assert details["status"] == "ok" and details["max_batch_size"] == 16 and "batch" in details
+        assert asgi(app, "POST", "/health", headers={}).status_code == 401
         assert asgi(app, "GET", "/v1/models", headers=good).status_code == 200
         assert asgi(app, "POST", "/", headers=good, json={"prompt": PROMPTS[0], "max_length": 40}).status_code == 200
         chat = asgi(app, "POST", "/v1/chat/completions", headers=good, json={"messages": user("hi"), "max_tokens": 4})
@@ -211,7 +225,7 @@ async def call_then_leave(
     await asyncio.wait_for(app(scope, receive, send), timeout=60)
     # the loop stays up until the model is free again, so only the stop event can have ended the generation early
     deadline = time.monotonic() + 60
-    while app.state.service.scheduler.health()["batch"] and time.monotonic() < deadline:
+    while app.state.service.engine.health()["batch"] and time.monotonic() < deadline:
         await asyncio.sleep(0.01)
     return chunks
 
@@ -282,13 +296,13 @@ def test_reference_max_length_counts_the_prompt_and_is_clamped_to_the_limit(base
 
 def test_openai_shape_over_httpx_with_history_and_system_message(base_url):
     models = httpx.get(f"{base_url}/v1/models").json()
-    assert models["object"] == "list" and [m["id"] for m in models["data"]] == ["tiny-glm/checkpoint-6"]
+    assert models["object"] == "list" and [m["id"] for m in models["data"]] == ["checkpoint-6", "base"]
 
     response = httpx.post(f"{base_url}/v1/chat/completions", json={"messages": user(PROMPTS[0])}, timeout=60)
     assert response.status_code == 200
     done = response.json()
     assert done["object"] == "chat.completion" and done["id"].startswith("chatcmpl-")
-    assert isinstance(done["created"], int) and done["model"] == "tiny-glm/checkpoint-6"
+    assert isinstance(done["created"], int) and done["model"] == "checkpoint-6"
     choice = done["choices"][0]
     assert choice["message"]["role"] == "assistant" and choice["finish_reason"] in ("stop", "length")
     assert choice["message"]["content"] == ask_reference(base_url, PROMPTS[0])
@@ -312,7 +326,7 @@ def test_openai_shape_over_httpx_with_history_and_system_message(base_url):
 
 def test_openai_client_streamed_pieces_join_to_the_non_streamed_answer(base_url):
     client = OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0)
-    assert [m.id for m in client.models.list()] == ["tiny-glm/checkpoint-6"]
+    assert [m.id for m in client.models.list()] == ["checkpoint-6", "base"]
     whole = client.chat.completions.create(model="my-name", messages=user(PROMPTS[4]), max_tokens=30)
     assert whole.model == "my-name" and whole.choices[0].message.content
     chunks = list(
@@ -589,3 +603,180 @@ def test_stream_takes_only_json_booleans_and_a_chunked_oversized_body_is_body_to
 
     response = httpx.post(f"{base_url}/", content=chunked(), headers={"Content-Type": "application/json"}, timeout=30)
     assert response.status_code == 413 and response.json()["error"]["code"] == "body_too_large", response.text
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A request the decoder cannot honour is refused alone (the real server)
+
+BAD_SETTINGS = [
+    ({"temperature": 1e-300}, "temperature"),  # divides the logits into inf: no distribution to sample
+    ({"temperature": 1e-45, "seed": 1}, "temperature"),
+    ({"temperature": 0.9, "seed": 2**64}, "seed"),  # past what torch.Generator.manual_seed takes
+    ({"temperature": 0.9, "seed": -(2**63) - 1}, "seed"),
+]
+
+
+@pytest.mark.parametrize(("bad", "field"), BAD_SETTINGS)
+def test_one_bad_request_in_a_batch_of_six_fails_alone_and_the_five_answer_as_alone(base_url, alone, bad, field):
+    chat = f"{base_url}/v1/chat/completions"
+    bodies = [{"messages": user(p)} for p in PROMPTS[:5]]
+    bodies.insert(2, {"messages": user(PROMPTS[5]), **bad})
+
+    def ask(body: dict) -> httpx.Response:
+        return httpx.post(chat, json=body, timeout=120)
+
+    watch = BatchWatch(base_url)
+    with ThreadPoolExecutor(6) as pool:
+        responses = list(pool.map(ask, bodies))
+    largest = watch.stop()
+    refused = responses.pop(2)
+    assert refused.status_code == 422, refused.text
+    assert refused.json()["error"]["param"] == field and field in refused.json()["error"]["message"]
+    assert [r.status_code for r in responses] == [200] * 5, [r.text for r in responses]
+    assert [r.json()["choices"][0]["message"]["content"] for r in responses] == alone[:5]
+    assert largest >= 3  # the five shared a batch
+    stream = httpx.post(chat, json={**bodies[2], "stream": True}, timeout=30)
+    assert stream.status_code == 422 and field in stream.text  # refused before a stream begins
+    reference = httpx.post(f"{base_url}/", json={"prompt": PROMPTS[5], "temperature": 1e-300}, timeout=30)
+    assert reference.status_code == 422 and "temperature" in reference.text
+
+
+def test_a_row_whose_settings_fail_in_the_decoder_fails_alone(loaded):
+    """Past the door's checks, a row's own failure (its generator, its token choice) is its alone: batch-mates
+    answer as they would alone."""
+    settings = GenerationSettings(max_new_tokens=MAX_NEW)
+    expected = generate_answers(loaded, [Example(p, "") for p in PROMPTS[:4]], settings, 1)
+    bad = {
+        1: dataclasses.replace(settings, do_sample=True, temperature=1e-300),  # inf/nan probabilities at a step
+        4: dataclasses.replace(settings, do_sample=True, seed=2**64),  # its generator cannot be seeded
+    }
+    scheduler = Scheduler(loaded, max_batch_size=8)
+    for k, prompt in enumerate([PROMPTS[0], PROMPTS[5], PROMPTS[1], PROMPTS[2], PROMPTS[6], PROMPTS[3]]):
+        ids, row_settings = encode_prompt(loaded, prompt), bad.get(k, settings)
+        scheduler.submit(Job(str(k), lambda ids=ids, s=row_settings: (ids, s)))
+    outcomes: dict[str, str] = {}
+    while scheduler.busy:
+        for event in scheduler.run_once():
+            if event["kind"] in ("done", "error"):
+                outcomes[event["id"]] = event.get("text", event.get("message"))
+    assert "probability" in outcomes["1"] and "Overflow" in outcomes["4"]
+    assert [outcomes[k] for k in "0235"] == expected
+    assert scheduler.largest_batch >= 4
+
+
+def test_text_must_be_unicode_and_integers_json_integers(base_url):
+    chat = f"{base_url}/v1/chat/completions"
+    lone = "abc\ud800"  # json.dumps writes it as the escape \ud800, which JSON allows
+    raw = [
+        (chat, {"messages": user(lone)}, "messages.0.content"),
+        (chat, {"messages": user(lone), "stream": True}, "messages.0.content"),
+        (chat, {"messages": [{"role": "user", "content": [{"type": "text", "text": lone}]}]}, None),
+        (f"{base_url}/", {"prompt": lone}, "prompt"),
+        (f"{base_url}/", {"prompt": "hi", "history": [[lone, "a"]]}, None),
+    ]
+    for url, body, param in raw:
+        content = json.dumps(body).encode()
+        response = httpx.post(url, content=content, headers={"Content-Type": "application/json"}, timeout=30)
+        assert response.status_code == 422, (body, response.text)
+        assert "lone surrogate" in response.json()["error"]["message"], response.text
+        assert param is None or response.json()["error"]["param"] == param
+    for url, body, field in [
+        (chat, {"messages": user("hi"), "max_tokens": True}, "max_tokens"),
+        (chat, {"messages": user("hi"), "max_completion_tokens": True}, "max_completion_tokens"),
+        (chat, {"messages": user("hi"), "temperature": 0.5, "seed": True}, "seed"),
+        (chat, {"messages": user("hi"), "max_tokens": 5.0}, "max_tokens"),
+        (f"{base_url}/", {"prompt": "hi", "max_length": True}, "max_length"),
+    ]:
+        response = httpx.post(url, json=body, timeout=30)
+        assert response.status_code == 422 and response.json()["error"]["param"] == field, (body, response.text)
+    paired = httpx.post(chat, json={"messages": user("类型#裙 \U0001f600"), "max_tokens": 3}, timeout=60)
+    assert paired.status_code == 200  # a character outside the BMP (a surrogate pair in JSON) is fine
+
+
+@pytest.fixture(scope="module")
+def keyed_server(checkpoint, tmp_path_factory):
+    log = tmp_path_factory.mktemp("serve-keyed") / "server.log"
+    running = start_server(checkpoint, log, "api_key=s3cret")
+    yield running
+    stop_process(running.proc)
+
+
+def test_health_answers_a_keyless_liveness_probe_and_details_only_with_the_key(keyed_server):
+    deadline = time.monotonic() + 120
+    while True:  # the models route needs the key, so wait on the keyless probe
+        try:
+            probe = httpx.get(f"{keyed_server.url}/health", timeout=2)
+            break
+        except httpx.TransportError:
+            assert keyed_server.proc.poll() is None and time.monotonic() < deadline, keyed_server.log.read_text()
+            time.sleep(0.2)
+    assert probe.status_code == 200 and probe.json() == {"status": "ok"}
+    wrong = httpx.get(f"{keyed_server.url}/health", headers={"Authorization": "Bearer nope"})
+    assert wrong.status_code == 200 and wrong.json() == {"status": "ok"}
+    good = {"Authorization": "Bearer s3cret"}
+    details = httpx.get(f"{keyed_server.url}/health", headers=good).json()
+    assert details["status"] == "ok" and details["max_batch_size"] == 16 and details["batch"] == 0
+    assert httpx.get(f"{keyed_server.url}/v1/models").status_code == 401
+    assert httpx.post(f"{keyed_server.url}/health").status_code == 401
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The engine process
+
+
+def mapped_libraries(pid: int) -> str:
+    return Path(f"/proc/{pid}/maps").read_text()
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/PID/maps (Linux)")
+def test_the_http_process_imports_no_torch_and_the_engine_does(server, base_url):
+    assert ask_reference(base_url, PROMPTS[0])  # both processes have done real work
+    engine_pid = httpx.get(f"{base_url}/health").json()["engine_pid"]
+    assert engine_pid != server.proc.pid
+    assert "libtorch" not in mapped_libraries(server.proc.pid)  # torch's native library: loaded with ``import torch``
+    assert "libtorch" in mapped_libraries(engine_pid)
+    probe = [sys.executable, "-c", "import sys, ptune.serve.app; print('torch' in sys.modules)"]
+    assert subprocess.run(probe, capture_output=True, text=True, check=True, cwd=REPO).stdout.strip() == "False"
+
+
+def test_a_killed_engine_gives_in_flight_clients_503_health_says_so_and_the_server_exits_1(checkpoint, tmp_path):
+    dying = start_server(checkpoint, tmp_path / "server.log", "max_new_tokens_limit=4000")
+    try:
+        url = wait_until_up(dying)
+        engine_pid = httpx.get(f"{url}/health").json()["engine_pid"]
+        long = {"max_tokens": 4000}  # the tiny model rarely ends early: long enough to be killed mid-answer
+
+        def plain(prompt: str) -> httpx.Response:
+            return httpx.post(f"{url}/v1/chat/completions", json={"messages": user(prompt), **long}, timeout=120)
+
+        def streamed(prompt: str) -> list[str]:
+            body = {"messages": user(prompt), "stream": True, **long}
+            with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=120) as response:
+                return [line for line in response.iter_lines() if line.startswith("data: ")]
+
+        with ThreadPoolExecutor(6) as pool:
+            plains = [pool.submit(plain, p) for p in PROMPTS[:3]]
+            streams = [pool.submit(streamed, p) for p in PROMPTS[3:6]]
+            deadline = time.monotonic() + 60
+            while httpx.get(f"{url}/health").json()["batch"] < 6 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            os.kill(engine_pid, 9)
+            responses = [f.result(timeout=60) for f in plains]
+            events = [f.result(timeout=60) for f in streams]
+            health = httpx.get(f"{url}/health")
+        for response in responses:
+            assert response.status_code == 503, response.text
+            assert response.json()["error"]["code"] == "engine_dead"
+            assert f"engine process (pid {engine_pid}) exited" in response.json()["error"]["message"]
+        for lines in events:
+            error = json.loads(lines[-2][len("data: ") :])["error"]  # the last event before [DONE]
+            assert error["code"] == "engine_dead" and "engine process" in error["message"], lines[-3:]
+        assert health.status_code == 503 and health.json()["status"] == "engine_dead"
+        assert "exited with status -9" in health.json()["engine"]
+        refused = httpx.post(f"{url}/", json={"prompt": PROMPTS[0]}, timeout=30)
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "engine_dead"
+        assert dying.proc.wait(timeout=30) == 1  # not restarted: the server exits non-zero
+        assert "engine process" in dying.log.read_text()
+    finally:
+        if dying.proc.poll() is None:
+            stop_process(dying.proc)

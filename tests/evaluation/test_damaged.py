@@ -37,7 +37,9 @@ def test_a_corrupt_checkpoint_is_skipped_and_the_rest_scored(run, tmp_path, capl
     assert [r["step"] for r in rows] == [6]
     damaged = copy / "checkpoint-3" / PREFIX_FILE
     assert f"skipping {copy / 'checkpoint-3'}, not scored: {damaged}: truncated or corrupt" in caplog.text
-    table = (copy / "eval_results.md").read_text()  # the run's table, of what could be scored
+    # the run's table, of what could be scored (max_samples: in the eval-ID folder of these options)
+    (table_file,) = copy.glob("eval-*/eval_results.md")
+    table = table_file.read_text()
     assert str(copy / "checkpoint-6") in table and str(copy / "checkpoint-3") not in table
     # an older checkpoint (no hashes) whose weights are cut: found when loading, skipped the same way
     meta = read_metadata(copy / "checkpoint-6")

@@ -52,8 +52,8 @@ def test_a_key_typo_lists_the_groups_keys_and_leaves_no_run_folder(tmp_path):
     result = script("train.py", "prefix.lenght=8", cwd=tmp_path)
     assert result.returncode == 2
     assert one_line(result.stderr) == (
-        "train.py: prefix.lenght: no such key; did you mean prefix.length? the prefix group takes dropout, length, "
-        "projection, projection_hidden_size"
+        "train.py: prefix.lenght: no such key; did you mean prefix.length? the prefix group takes dropout, init, "
+        "init_text, length, projection, projection_hidden_size"
     )
     assert not (tmp_path / "outputs").exists()  # refused before Hydra made the run folder
     bad = script("evaluate.py", "max_samples=abc", "predictions=x.jsonl", cwd=tmp_path)

@@ -83,7 +83,8 @@ def test_default_sweep_is_one_folder_and_its_report(tmp_path, cache):
         compose_config("evaluate", f"checkpoint={sweep}", "max_samples=4", "batch_size=4", "metric_processes=1")
     )
     assert len(rows) == 4
-    table = (sweep / f"{SWEEP_NAME}.md").read_text().splitlines()
+    (results,) = sweep.glob("eval-*")  # max_samples: the results of these options, in their own folder
+    table = (results / f"{SWEEP_NAME}.md").read_text().splitlines()
     assert table[0].startswith("| rank | run | prefix.length | learning_rate | step | rouge-1")
     assert "max_steps" not in table[0]  # the same in every job: not a swept parameter
     cells = [[c.strip() for c in line.split("|")[1:-1]] for line in table[2:6]]
@@ -93,7 +94,7 @@ def test_default_sweep_is_one_folder_and_its_report(tmp_path, cache):
     note = f"Best by rouge-l: run {best['run']}, rouge-l {best['rouge-l']}, checkpoint {best['checkpoint']}"
     assert table[-1] == note
     assert best["checkpoint"] == str(sweep / best["run"] / "checkpoint-2")
-    assert (sweep / PLOT_FILE).read_bytes()[:4] == b"\x89PNG"
+    assert (results / PLOT_FILE).read_bytes()[:4] == b"\x89PNG"
 
 
 def test_joblib_runs_two_jobs_side_by_side_with_capped_threads(tmp_path, cache):

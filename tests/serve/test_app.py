@@ -14,7 +14,7 @@ import socket
 import subprocess
 import sys
 import time
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
@@ -260,6 +260,35 @@ def test_a_client_that_leaves_stops_its_generation(checkpoint, loaded, caplog, s
     assert "its generation is stopped" in caplog.text
 
 
+def test_models_and_health_are_answered_while_a_generation_runs(checkpoint, loaded):
+    """The HTTP side never waits for the engine's decoding: a slowed generation (50 ms a token) is still running
+    when /v1/models and /health have answered. (Timing the answer against real requests raced on a fast machine:
+    all 16 rows of a batch end within a few ms of each other.)"""
+    with in_process_app(checkpoint, loaded) as app:
+
+        def slow_step(_module, _args) -> None:
+            time.sleep(0.05)
+
+        hook = getattr(loaded.model, "base", loaded.model).register_forward_pre_hook(slow_step)
+
+        async def scenario() -> tuple[bool, list[int], httpx.Response]:
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://ptune") as client:
+                body = {"messages": user(PROMPTS[0]), "max_tokens": 40, "temperature": 0.9, "seed": 1}
+                generation = asyncio.create_task(client.post("/v1/chat/completions", json=body, timeout=60))
+                while not app.state.service.engine.health()["batch"]:  # the row is in the batch
+                    await asyncio.sleep(0.005)
+                answered = [(await client.get(path)).status_code for path in ("/v1/models", "/health")]
+                still_running = not generation.done()
+                return still_running, answered, await generation
+
+        try:
+            still_running, answered, generation = asyncio.run(scenario())
+        finally:
+            hook.remove()
+    assert answered == [200, 200] and still_running
+    assert generation.status_code == 200 and generation.json()["usage"]["completion_tokens"] >= 10
+
+
 def test_main_names_a_missing_checkpoint(tmp_path, capsys):
     assert main([f"checkpoint={tmp_path / 'nothing'}"]) == 1
     assert "nothing" in capsys.readouterr().err
@@ -404,14 +433,8 @@ def test_sixteen_concurrent_clients_each_get_their_own_complete_answer(base_url)
 
     with ThreadPoolExecutor(len(PROMPTS)) as pool:
         futures = [pool.submit(ask, i) for i in range(len(PROMPTS))]
-        wait(futures, timeout=120, return_when=FIRST_COMPLETED)
-        started = time.monotonic()
-        models = httpx.get(f"{base_url}/v1/models", timeout=30)  # answered while generations queue up
-        waited = time.monotonic() - started
-        still_queued = sum(not f.done() for f in futures)
         answers = [f.result(timeout=120) for f in futures]
     assert answers == alone
-    assert models.status_code == 200 and still_queued > 0 and waited < 5, (still_queued, waited)
 
 
 def test_api_answers_equal_the_evaluator_answers(base_url, checkpoint):

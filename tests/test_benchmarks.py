@@ -1,5 +1,5 @@
-"""Benchmark scripts run end to end on CPU with tiny settings, so they cannot rot: the prepared GPU check, and the
-serve benchmark's in-process scheduler runs."""
+"""Benchmark scripts run end to end on CPU with tiny settings, so they cannot rot: the prepared GPU check, the
+serve benchmark's in-process scheduler runs and the prefix-start comparison."""
 
 from __future__ import annotations
 
@@ -13,15 +13,15 @@ from ptune.training.recipe import train
 from tests.conftest import FAST, REPO, compose_train
 
 
-def load_gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "benchmarks" / "gpu_check.py")
+def load_benchmark(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
 def test_gpu_check_tiny_on_cpu(tmp_path, capsys):
-    gpu_check = load_gpu_check()
+    gpu_check = load_benchmark("gpu_check")
     out = tmp_path / "gpu_check.json"
     assert gpu_check.main(["--device", "cpu", "--tiny", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
@@ -44,3 +44,14 @@ def test_serve_throughput_drives_the_scheduler_alone_in_each_mode(tmp_path):
         done = subprocess.run([*command, "--max-tokens", "8"], cwd=REPO, capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr[-2000:]
         assert float(done.stdout.strip().splitlines()[-1]) > 0  # generated tokens/s
+
+
+def test_prefix_init_compares_the_three_starts_on_the_default(tmp_path, capsys):
+    prefix_init = load_benchmark("prefix_init")
+    assert prefix_init.main(["--seeds", "1", "--steps", "2,4", "--shared", str(tmp_path)]) == 0  # no AdvertiseGen
+    printed = capsys.readouterr().out
+    assert "no AdvertiseGen rows, that set-up is skipped" in printed
+    rows = [line.split(" | ") for line in printed.splitlines() if line.startswith("| default |")]
+    assert [row[1] for row in rows] == ["random", "text", "vocab"]
+    for row in rows:  # eval losses at steps 0, 2 and 4, each a number
+        assert [float(cell.strip(" |")) > 0 for cell in row[2:]] == [True] * 3

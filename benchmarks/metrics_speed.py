@@ -25,31 +25,20 @@ sys.path.insert(0, str(REPO))
 
 import jieba  # noqa: E402
 import numpy as np  # noqa: E402
-from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu  # noqa: E402
-from rouge_chinese import Rouge  # noqa: E402
 
 from ptune.evaluation.metrics import METRIC_NAMES, compute_metrics, score_pairs  # noqa: E402  (also quiets jieba's startup log)
+from tests.evaluation.test_metrics import reference_scores  # noqa: E402
 
 SHARED_DEV = REPO.parent / "shared" / "data" / "advertisegen" / "dev.json"
 SYNTHETIC_DEV = REPO / "data" / "synthetic_adgen" / "dev.json"
 
 
 def reference_metrics(preds: list[str], labels: list[str]) -> tuple[dict[str, float], dict[str, list[float]]]:
-    """ChatGLM2-6B ptuning/main.py compute_metrics, literally: jieba.cut and a fresh Rouge() per row.
-
-    Returns the means it reports and, for the per-row check, the per-row lists it averaged."""
-    score_dict = {"rouge-1": [], "rouge-2": [], "rouge-l": [], "bleu-4": []}
-    for pred, label in zip(preds, labels, strict=True):
-        hypothesis = list(jieba.cut(pred))
-        reference = list(jieba.cut(label))
-        rouge = Rouge()
-        scores = rouge.get_scores(" ".join(hypothesis), " ".join(reference))
-        result = scores[0]
-        for k, v in result.items():
-            score_dict[k].append(round(v["f"] * 100, 4))
-        bleu_score = sentence_bleu([list(label)], list(pred), smoothing_function=SmoothingFunction().method3)
-        score_dict["bleu-4"].append(round(bleu_score * 100, 4))
-    return {k: float(np.mean(v)) for k, v in score_dict.items()}, score_dict
+    """The ChatGLM2-6B ptuning/main.py way (the test suite's oracle: a fresh ``Rouge()`` per row), averaged as it
+    reports them; also the per-row lists it averaged, for the per-row check."""
+    rows = reference_scores(preds, labels)
+    per_row = {name: [row[name] for row in rows] for name in METRIC_NAMES}
+    return {name: float(np.mean(values)) for name, values in per_row.items()}, per_row
 
 
 def perturb(text: str, alphabet: str, rng: random.Random) -> list[str]:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from transformers import Seq2SeqTrainer, TrainerCallback
-from transformers.trainer_callback import ProgressCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from ptune.checkpoints import state_io
@@ -40,9 +40,11 @@ class PrefixTrainer(Seq2SeqTrainer):
         super().__init__(*args, **kwargs)
         self.checkpoint_metadata = checkpoint_metadata
         self._staging: str | None = None
-        # Loss lines go to the logger (console and the run's log file) once, not also printed by the progress bar.
-        self.remove_callback(ProgressCallback)
-        self.add_callback(QuietProgressCallback)
+        # Loss lines go to the logger (console and the run's log file) once, not also printed by the progress bar
+        # (or, with trainer.disable_tqdm=true, by the library's PrinterCallback instead of a bar).
+        self.remove_callback(PrinterCallback if self.args.disable_tqdm else ProgressCallback)
+        if not self.args.disable_tqdm:
+            self.add_callback(QuietProgressCallback)
         self.add_callback(LogMetricsCallback)
 
     @property

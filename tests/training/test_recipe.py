@@ -387,3 +387,11 @@ def test_loss_far_above_its_start_warns(caplog):
 def test_max_target_length_zero_is_refused(fast_cfg, tmp_path):
     with pytest.raises(ValueError, match="dataset.max_target_length=0"):
         build_trainer(fast_cfg("dataset.max_target_length=0"), str(tmp_path / "run"))
+
+
+@pytest.mark.parametrize("disable_tqdm", [False, True])
+def test_disable_tqdm_takes_the_step_bar_away_and_each_log_is_shown_once(fast_cfg, tmp_path, capfd, disable_tqdm):
+    train(fast_cfg(f"+trainer.disable_tqdm={str(disable_tqdm).lower()}"), str(tmp_path / "run"))
+    out, err = capfd.readouterr()
+    assert ("| 6/6 [" in err) is not disable_tqdm  # the bar over max_steps=6
+    assert "{'loss'" not in out + err  # log dicts go to the ptune logger only, never printed by a callback

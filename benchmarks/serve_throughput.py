@@ -3,7 +3,10 @@ against batching (the configured default).
 
 Usage: ``.venv/bin/python benchmarks/serve_throughput.py [--checkpoint PATH] [--clients 1 4 16 64] [--rounds 3]``
 
-Without ``--checkpoint`` it trains the built-in model briefly (``train.py max_steps=30``) into a temporary folder.
+Without ``--checkpoint`` it trains the built-in model briefly (``train.py max_steps=30``) into a temporary folder;
+with ``--wide``, a wider random model of ChatGLM2's shape instead (:data:`WIDE`: hidden 1024, 8 heads of 128, 2
+key/value groups, the built-in tokenizer), whose decode step reads ~100 MB of weights, so that, as on a real 6B
+model, a step costs its weights' reading and not only Python's dispatch (the built-in model's 146k parameters).
 Each round starts a fresh real server process per mode (alternating) on loopback and drives each client count in
 turn: every client sends requests back to back (half of them streaming with usage, half not), ``--requests`` per
 level in all (256 by default, at least two per client), greedy, ``--max-tokens`` new tokens at most. Reported per
@@ -41,9 +44,30 @@ import httpx
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+TINY = REPO / "models" / "tiny-glm"
+#: ChatGLM2-6B's proportions (head size 128, 2 key/value groups, MLP 3.34x hidden) at a quarter of its width
+WIDE = {"hidden_size": 1024, "num_attention_heads": 8, "head_dim": 128, "intermediate_size": 3424}
 
 
-def train_checkpoint(folder: Path) -> Path:
+def wide_model(folder: Path) -> Path:
+    """A random GLM of :data:`WIDE`'s shape with the built-in model's tokenizer, saved as a model folder."""
+    import shutil
+
+    import torch
+    from transformers import GlmConfig, GlmForCausalLM
+
+    config = GlmConfig.from_pretrained(TINY)
+    for key, value in WIDE.items():
+        setattr(config, key, value)
+    torch.manual_seed(0)
+    GlmForCausalLM(config).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        shutil.copy(TINY / name, folder / name)
+    return folder
+
+
+def train_checkpoint(folder: Path, model: Path | None = None) -> Path:
+    """A prefix trained 30 steps on the built-in data (on ``model``, else the built-in model)."""
     run = folder / "run"
     subprocess.run(
         [
@@ -53,6 +77,7 @@ def train_checkpoint(folder: Path) -> Path:
             "save_steps=30",
             f"hydra.run.dir={run}",
             "trainer.report_to=[none]",
+            *([f"model.path={model}"] if model else []),
         ],
         cwd=REPO,
         env=ENV,
@@ -230,6 +255,7 @@ def scheduler_table(args: argparse.Namespace, checkpoint: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path)
+    parser.add_argument("--wide", action="store_true", help="a wider random ChatGLM2-shaped model (see above)")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument(
         "--requests", type=int, default=256, help="requests per client level (at least 2 per client; fewer is noisier)"
@@ -253,7 +279,7 @@ def main() -> None:
         print(scheduler_run(Path(path), kind, int(size), args.scheduler_clients, args.requests, args.max_tokens))
         return
     work = Path(tempfile.mkdtemp(prefix="ptune-serve-bench-"))
-    checkpoint = args.checkpoint or train_checkpoint(work)
+    checkpoint = args.checkpoint or train_checkpoint(work, wide_model(work / "wide") if args.wide else None)
     prompts = dev_prompts()
     modes = {"one at a time": (1, 1), f"batched ({args.batch_size})": (args.batch_size, 1)}
     if args.prefixes > 1:

@@ -9,6 +9,8 @@ import math
 import subprocess
 import sys
 
+from ptune.frontends.common import compose_frontend_config, load_model
+from ptune.inference.generation import GenerationSettings, encode_prompt, generate_ids
 from ptune.training.recipe import train
 from tests.conftest import FAST, REPO, compose_train
 
@@ -55,3 +57,14 @@ def test_prefix_init_compares_the_three_starts_on_the_default(tmp_path, capsys):
     assert [row[1] for row in rows] == ["random", "text", "vocab"]
     for row in rows:  # eval losses at steps 0, 2 and 4, each a number
         assert [float(cell.strip(" |")) > 0 for cell in row[2:]] == [True] * 3
+
+
+def test_serve_throughput_wide_model_is_chatglm2_shaped_and_answers(tmp_path):
+    serve_throughput = load_benchmark("serve_throughput")
+    folder = serve_throughput.wide_model(tmp_path / "wide")
+    config = json.loads((folder / "config.json").read_text())
+    assert {key: config[key] for key in serve_throughput.WIDE} == serve_throughput.WIDE
+    assert config["num_key_value_heads"] == 2 and config["vocab_size"] == 425  # the built-in tokenizer's
+    loaded = load_model(compose_frontend_config([f"model.path={folder}"]))  # as ptune chat loads a bare base
+    [(index, ids)] = generate_ids(loaded, [encode_prompt(loaded, "类型#裙")], GenerationSettings(max_new_tokens=4), 1)
+    assert index == 0 and len(ids) <= 4

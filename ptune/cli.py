@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     convert = commands.add_parser("convert", help="original ChatGLM2 folder -> native GLM folder (safetensors)")
     convert.add_argument("src", help="the downloaded ChatGLM2-6B folder (config.json, tokenizer.model, *.bin)")
     convert.add_argument("dst", help="where to write the converted model")
-    verify = commands.add_parser("verify", help="check a ChatGLM2 download: shards present, sizes, SHA256")
+    verify = commands.add_parser("verify", help="check a ChatGLM2 download: every tensor by config.json, SHA256")
     verify.add_argument("model_dir")
     imported = commands.add_parser("import-ptuning", help="original P-tuning checkpoint -> ptune checkpoint")
     imported.add_argument("checkpoint", help="e.g. output/adgen-chatglm2-6b-pt-128-2e-2/checkpoint-3000")

@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 from transformers import GenerationConfig, GlmConfig, GlmForCausalLM
 
 from ptune.chatglm2.files import check_files, read_config, shard_files, stored_quantization
+from ptune.chatglm2.layout import TensorSpec, attention_rows, expected_tensors
 from ptune.quantization.layers import BITS, quantize_model, quantize_rows, with_empty_quantized_linears
 from ptune.utils.durable import staged_folder, user_file_mode
 
@@ -135,10 +136,24 @@ _TOP = {
 }
 
 
-def convert_tensors(tensors: dict[str, torch.Tensor], config: GlmConfig) -> Iterator[tuple[str, torch.Tensor]]:
-    """Native names and tensors for original ones; ``query_key_value`` is split by rows into q, k, v."""
-    q_rows = config.num_attention_heads * config.head_dim
-    kv_rows = config.num_key_value_heads * config.head_dim
+def _split_qkv(
+    path: Path, name: str, tensor: torch.Tensor, expected: TensorSpec, rows: tuple[int, int]
+) -> tuple[torch.Tensor, ...]:
+    """q, k, v rows of a fused ``query_key_value`` weight, bias or weight_scale, its shape checked first: a wrong
+    one would fail inside ``torch.split`` naming neither the file nor the tensor."""
+    if tuple(tensor.shape) != expected.shape:
+        raise ValueError(
+            f"{path}: {name} has shape {tuple(tensor.shape)}, expected {expected.shape} by config.json: the file is "
+            "of another model or corrupt; ptune verify lists every such tensor"
+        )
+    q_rows, kv_rows = rows
+    return torch.split(tensor, [q_rows, kv_rows, kv_rows], dim=0)
+
+
+def convert_tensors(path: Path, tensors: dict[str, torch.Tensor], original: dict) -> Iterator[tuple[str, torch.Tensor]]:
+    """Native names and tensors for the original ones of the shard at ``path`` (named in errors), by its original
+    config.json; ``query_key_value`` is split by rows into q, k, v."""
+    expected, rows = expected_tensors(original), attention_rows(original)
     for name, tensor in tensors.items():
         if name == "transformer.rotary_pos_emb.inv_freq":
             continue  # recomputed by the native rotary embedding
@@ -147,20 +162,20 @@ def convert_tensors(tensors: dict[str, torch.Tensor], config: GlmConfig) -> Iter
             continue
         match = _LAYER.fullmatch(name)
         if match is None:
-            raise ValueError(f"unexpected tensor {name!r} in a ChatGLM2 checkpoint")
+            raise ValueError(f"{path}: unexpected tensor {name!r} in a ChatGLM2 checkpoint")
         layer, rest = match.groups()
         prefix = f"model.layers.{layer}."
         if rest in _RENAMES:
             yield prefix + _RENAMES[rest], tensor
         elif rest.endswith("_scale") and rest.removesuffix("_scale") in _RENAMES:  # a quantized weight's scales
             yield prefix + _RENAMES[rest.removesuffix("_scale")] + "_scale", tensor
-        elif rest.startswith("self_attention.query_key_value."):
+        elif rest.startswith("self_attention.query_key_value.") and name in expected:
             kind = rest.rsplit(".", 1)[1]  # weight, weight_scale or bias
-            q, k, v = torch.split(tensor, [q_rows, kv_rows, kv_rows], dim=0)
+            q, k, v = _split_qkv(path, name, tensor, expected[name], rows)
             for proj, part in (("q_proj", q), ("k_proj", k), ("v_proj", v)):
                 yield f"{prefix}self_attn.{proj}.{kind}", part.contiguous()
         else:
-            raise ValueError(f"unexpected tensor {name!r} in a ChatGLM2 checkpoint")
+            raise ValueError(f"{path}: unexpected tensor {name!r} in a ChatGLM2 checkpoint")
 
 
 def _load_shard(path: Path) -> dict[str, torch.Tensor]:
@@ -203,7 +218,8 @@ def load_chatglm2(folder: str | Path, dtype: torch.dtype, quantization: str | No
     quantized loads as it was saved (any other ``quantization`` is refused: it cannot be re-quantized)."""
     folder = Path(folder)
     check_files(folder)
-    config = glm_config(read_config(folder))
+    original = read_config(folder)
+    config = glm_config(original)
     stored = stored_quantization(folder)
     if stored and quantization not in (None, stored):
         raise ValueError(
@@ -219,7 +235,7 @@ def load_chatglm2(folder: str | Path, dtype: torch.dtype, quantization: str | No
     loaded: set[str] = set()
     for shard in shard_files(folder):
         path = folder / shard
-        tensors = convert_tensors(_load_shard(path), config)
+        tensors = convert_tensors(path, _load_shard(path), original)
         converted = dict(_loadable(path, tensors, quantized, bits or 0, stored is not None, dtype))
         unknown = set(converted) - expected
         if unknown:
@@ -258,14 +274,15 @@ def convert_folder(src: str | Path, dst: str | Path) -> None:
     check_files(src)
     if stored_quantization(src):
         raise ValueError(f"{src}: saved quantized; ptune loads it as it is (model.path=...), convert the fp16 download")
-    config = glm_config(read_config(src))
+    original = read_config(src)
+    config = glm_config(original)
     with staged_folder(dst) as staging:
         names: dict[str, str] = {}
         total = 0
         shards = shard_files(src)
         for number, shard in enumerate(shards, 1):
             name = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
-            converted = dict(convert_tensors(_load_shard(src / shard), config))
+            converted = dict(convert_tensors(src / shard, _load_shard(src / shard), original))
             save_file(converted, str(staging / name), metadata={"format": "pt"})
             names.update(dict.fromkeys(converted, name))
             total += sum(t.numel() * t.element_size() for t in converted.values())

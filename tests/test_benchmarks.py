@@ -1,5 +1,5 @@
 """Benchmark scripts run end to end on CPU with tiny settings, so they cannot rot: the prepared GPU check, and the
-serve benchmark's in-process scheduler runs."""
+serve benchmark's in-process scheduler runs; settings a benchmark cannot measure are refused by name."""
 
 from __future__ import annotations
 
@@ -44,3 +44,14 @@ def test_serve_throughput_drives_the_scheduler_alone_in_each_mode(tmp_path):
         done = subprocess.run([*command, "--max-tokens", "8"], cwd=REPO, capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr[-2000:]
         assert float(done.stdout.strip().splitlines()[-1]) > 0  # generated tokens/s
+
+
+def test_quantization_benchmark_refuses_one_step_by_name():
+    """One step has nothing to time (the first step is set-up): refused before any model is built, naming
+    --steps, not a median of nothing behind a worker's CalledProcessError. A real run of all four variants costs
+    a minute of CPU, too much for the suite."""
+    done = subprocess.run(
+        [sys.executable, "benchmarks/quantization.py", "--steps", "1"], cwd=REPO, capture_output=True, text=True
+    )
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "--steps 1: at least 2 (the first step includes one-time set-up and is not timed)" in done.stderr

@@ -10,11 +10,13 @@ python evaluate.py --help                                        # every option 
 import hydra
 from omegaconf import DictConfig
 
+from ptune.checkpoints.config_checks import check_evaluate_config
 from ptune.training.hydra_setup import route_library_logs, run_script
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
+    check_evaluate_config(cfg)  # before torch and transformers load (~5 s): a bad setting is refused at once
     from ptune.evaluation.command import evaluate_command  # here: --help and a bad command line import no torch
 
     route_library_logs()

@@ -125,10 +125,14 @@ def worker(folder: str, variant: str, steps: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=6, help="AdamW steps per run, at least 2 (the first is not timed)")
+    parser.add_argument("--repeats", type=int, default=2, help="fresh processes per variant, at least 1")
     parser.add_argument("--worker", nargs=2, metavar=("FOLDER", "VARIANT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.steps < 2:
+        parser.error(f"--steps {args.steps}: at least 2 (the first step includes one-time set-up and is not timed)")
+    if args.repeats < 1:
+        parser.error(f"--repeats {args.repeats}: at least 1")
     if args.worker:
         print(json.dumps(worker(*args.worker, args.steps)))
         return
@@ -139,8 +143,10 @@ def main() -> None:
         for _ in range(args.repeats):
             for variant in VARIANTS:
                 command = [sys.executable, __file__, "--worker", tmp, variant, "--steps", str(args.steps)]
-                out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-                results[variant].append(json.loads(out.strip().splitlines()[-1]))
+                done = subprocess.run(command, capture_output=True, text=True)
+                if done.returncode:  # its own error, not a bare CalledProcessError
+                    raise SystemExit(f"the {variant} run failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+                results[variant].append(json.loads(done.stdout.strip().splitlines()[-1]))
     load_after = os.getloadavg()
 
     def median(variant: str, key: str) -> float:

@@ -1,5 +1,6 @@
 """Benchmark scripts run end to end on CPU with tiny settings, so they cannot rot: the prepared GPU check, the
-serve benchmark's in-process scheduler runs and the prefix-start comparison."""
+serve benchmark's in-process scheduler runs and wide model, and the prefix-start comparison; settings a benchmark
+cannot measure are refused by name."""
 
 from __future__ import annotations
 
@@ -68,3 +69,14 @@ def test_serve_throughput_wide_model_is_chatglm2_shaped_and_answers(tmp_path):
     loaded = load_model(compose_frontend_config([f"model.path={folder}"]))  # as ptune chat loads a bare base
     [(index, ids)] = generate_ids(loaded, [encode_prompt(loaded, "类型#裙")], GenerationSettings(max_new_tokens=4), 1)
     assert index == 0 and len(ids) <= 4
+
+
+def test_quantization_benchmark_refuses_one_step_by_name():
+    """One step has nothing to time (the first step is set-up): refused before any model is built, naming
+    --steps, not a median of nothing behind a worker's CalledProcessError. A real run of all four variants costs
+    a minute of CPU, too much for the suite."""
+    done = subprocess.run(
+        [sys.executable, "benchmarks/quantization.py", "--steps", "1"], cwd=REPO, capture_output=True, text=True
+    )
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "--steps 1: at least 2 (the first step includes one-time set-up and is not timed)" in done.stderr

@@ -165,9 +165,7 @@ def known_keys(group: str) -> set[str]:
 
 def unknown_key_problems(cfg: DictConfig) -> list[str]:
     """Keys added with ``+group.key=...`` that no YAML of the group defines, and ``+trainer.*`` keys that are not
-    ``Seq2SeqTrainingArguments`` fields."""
-    from transformers import Seq2SeqTrainingArguments
-
+    ``Seq2SeqTrainingArguments`` fields (transformers, a second to import, only for keys no trainer YAML has)."""
     problems = []
     for group in CLOSED_GROUPS:
         if group not in cfg:
@@ -175,9 +173,12 @@ def unknown_key_problems(cfg: DictConfig) -> list[str]:
         known = known_keys(group)
         for key in sorted(_flat(OmegaConf.to_container(cfg[group], resolve=False)).keys() - known):
             problems.append(f"{group}.{key}: unknown key; the {group} group takes {', '.join(sorted(known))}")
-    if "trainer" in cfg:
+    extra = set(cfg.trainer) - known_keys("trainer") if "trainer" in cfg else set()
+    if extra:
+        from transformers import Seq2SeqTrainingArguments
+
         fields = {field.name for field in dataclasses.fields(Seq2SeqTrainingArguments)}
-        for key in sorted(set(cfg.trainer) - fields):
+        for key in sorted(extra - fields):
             problems.append(f"trainer.{key}: not a Seq2SeqTrainingArguments field; check its spelling")
     return problems
 
@@ -217,8 +218,11 @@ def check_frontend_config(cfg: DictConfig) -> None:
 
 
 def check_evaluate_config(cfg: DictConfig) -> None:
-    """evaluate.yaml as composed: ``max_samples=abc`` named here, not as a ``TypeError`` deep in the evaluator."""
+    """evaluate.yaml as composed: ``max_samples=abc`` named here, not as a ``TypeError`` deep in the evaluator;
+    exactly one of ``checkpoint=`` and ``predictions=``."""
     _raise(type_problems(cfg, EVALUATE_RULES))
+    if bool(cfg.checkpoint) == bool(cfg.predictions):
+        raise ConfigError("give exactly one of checkpoint=PATH or predictions=PATH (see --help)")
 
 
 # -- a key that the config does not have -----------------------------------------------------------------------

@@ -6,7 +6,7 @@ import logging
 
 from omegaconf import DictConfig
 
-from ptune.checkpoints.config_checks import ConfigError, check_evaluate_config
+from ptune.checkpoints.config_checks import check_evaluate_config
 from ptune.evaluation.metrics import METRIC_NAMES
 from ptune.evaluation.scoring import METRICS_FILE, evaluate_target, score_predictions
 
@@ -17,8 +17,6 @@ def evaluate_command(cfg: DictConfig) -> None:
     """Every value checked before anything is loaded (``max_samples=abc`` named, not a ``TypeError`` later), then
     ``checkpoint=`` scored or ``predictions=`` scored and its metrics shown."""
     check_evaluate_config(cfg)
-    if bool(cfg.checkpoint) == bool(cfg.predictions):
-        raise ConfigError("give exactly one of checkpoint=PATH or predictions=PATH (see --help)")
     if cfg.torch_threads:
         import torch
 

@@ -181,8 +181,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"ptune web: {describe(loaded)}", flush=True)
     demo = build_demo(cfg, loaded)
     demo.queue(default_concurrency_limit=1).launch(
-        server_name=cfg.host, server_port=int(cfg.port or DEFAULT_PORT), share=False, ssr_mode=False, **access(cfg)
+        server_name=cfg.host,
+        server_port=int(cfg.port or DEFAULT_PORT),
+        share=False,
+        ssr_mode=False,
+        quiet=True,  # Gradio's start-up lines end in "set `share=True` in `launch()`", which ptune users cannot do
+        prevent_thread_lock=True,
+        **access(cfg),
     )
+    print(f"ptune web: open {demo.local_url} (Ctrl-C stops it)", flush=True)
+    demo.block_thread()
     return 0
 
 

@@ -30,6 +30,8 @@ frozen base bit-for-bit the same through training.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
@@ -166,7 +168,15 @@ def with_empty_quantized_linears(model: nn.Module, bits: int, dtype: torch.dtype
     return set(names)
 
 
+def _no_cpu_kernel_download(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Failed to load CPU gemm_4bit_forward from kernels-community")
+
+
 def _bitsandbytes():
+    """bitsandbytes, imported only when nf4 is asked for. On CPUs with AVX512-BF16 its import tries to fetch an
+    optional kernel from the Hub (``kernels`` package) and warns when it cannot; that kernel serves only the CPU
+    inference shortcut we turn off (module docstring), so the warning says nothing a ptune user can act on."""
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_no_cpu_kernel_download)
     try:
         import bitsandbytes
     except ImportError as err:

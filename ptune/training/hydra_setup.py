@@ -146,9 +146,8 @@ def run_script(main: Callable[[], Any], script: str, config_name: str) -> None:
         from omegaconf.errors import OmegaConfBaseException
 
         from ptune.checkpoints.config_checks import ConfigError
-        from ptune.training.guards import DivergenceError
 
-        if not isinstance(err, (*USER_ERRORS, DivergenceError, HydraException, OmegaConfBaseException)):
+        if not _is_user_error(err):
             raise
         bad_setting = isinstance(err, (ConfigError, HydraException, OmegaConfBaseException))
         _exit_with(script, error_line(err, config_name), 2 if bad_setting else 1)
@@ -157,6 +156,19 @@ def run_script(main: Callable[[], Any], script: str, config_name: str) -> None:
             os.environ.pop("HYDRA_FULL_ERROR", None)
         else:
             os.environ["HYDRA_FULL_ERROR"] = previous
+
+
+def _is_user_error(err: Exception) -> bool:
+    """An error the user can fix. The divergence check imports torch (seconds), so only for an error none of the
+    others is: a refused setting is shown before torch would have loaded."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    if isinstance(err, (*USER_ERRORS, HydraException, OmegaConfBaseException)):
+        return True
+    from ptune.training.guards import DivergenceError
+
+    return isinstance(err, DivergenceError)
 
 
 def _exit_with(script: str, line: str, status: int) -> None:

@@ -339,6 +339,25 @@ def test_synthetic_adgen_train_dev_disjoint():
 
 
 @pytest.mark.parametrize("split", ["train", "dev"])
+def test_built_in_default_fits_its_own_lengths(split):
+    """`python train.py` as shipped cuts no prompt and no answer (so warns of none): every row fits the default
+    dataset.max_source_length / max_target_length in the built-in model's tokens, prompt format included."""
+    from ptune.data.prompts import PromptFormat
+    from ptune.model.base import load_tokenizer
+    from tests.conftest import compose_config
+
+    cfg = compose_config("train")
+    tokenizer, prompt_format = load_tokenizer(cfg.model.path), PromptFormat.from_config(cfg.model.prompt)
+    source, target = cfg.dataset.max_source_length, cfg.dataset.max_target_length
+    rows = read_examples(Path(cfg.dataset.dir) / f"{split}.json", prompt_column="content", response_column="summary")
+    for ex in rows.examples:
+        prompt = tokenizer(prompt_format.build(ex.prompt))["input_ids"]
+        answer = tokenizer(ex.response, add_special_tokens=False)["input_ids"]
+        assert len(prompt) <= source, (ex.prompt, len(prompt))
+        assert len(answer) <= target, (ex.response, len(answer))
+
+
+@pytest.mark.parametrize("split", ["train", "dev"])
 def test_synthetic_chat_reads_cleanly(split):
     path = DATA / "synthetic_chat" / f"{split}.json"
     result = read_examples(path, prompt_column="prompt", response_column="response", history_column="history")

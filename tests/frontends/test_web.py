@@ -308,6 +308,19 @@ def test_html_in_answers_does_not_reach_the_page(browser, greedy, monkeypatch):
         demo.close()
 
 
+def test_the_command_prints_its_address_not_gradios_share_hint(overrides, monkeypatch, capsys):
+    """`ptune web` says where the page is; Gradio's "set `share=True` in `launch()`" is not for a ptune user."""
+    import gradio as gr
+
+    import ptune.frontends.web as web
+
+    monkeypatch.setattr(gr.Blocks, "block_thread", lambda demo: demo.close())  # up, then stopped at once
+    port = free_port()
+    assert web.main([*overrides, f"port={port}"]) == 0
+    printed = capsys.readouterr().out
+    assert f"ptune web: open http://127.0.0.1:{port}/ (Ctrl-C stops it)" in printed and "share=True" not in printed
+
+
 def test_api_key_is_required_on_the_page_and_an_open_page_beyond_loopback_warns(caplog):
     """Gradio's login with the api_key as password, on the real page server (no browser needed)."""
     import ptune.frontends.web as web

@@ -10,7 +10,9 @@ path.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -247,6 +249,30 @@ def test_nf4_without_bitsandbytes_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # what an environment without it gives
     with pytest.raises(ImportError, match=r"needs bitsandbytes.*pip install -e '.\[quant\]'"):
         load_base_model(TINY_GLM, "float32", "nf4")
+
+
+def test_bitsandbytes_is_imported_for_nf4_only():
+    """A run that never asked for nf4 (the default, int4, evaluation, the front ends) does not import bitsandbytes
+    (whose import prints a kernel warning on some CPUs); nf4 does."""
+    probe = (
+        "import sys, ptune.training.recipe, ptune.evaluation.command, ptune.frontends.web, ptune.cli\n"
+        "from ptune.model.base import load_base_model\n"
+        f"load_base_model({str(TINY_GLM)!r}, 'float32', sys.argv[1])\n"
+        "print('bitsandbytes' in sys.modules)"
+    )
+    for quantization, imported in (("none", "False"), ("int4", "False"), ("nf4", "True")):
+        done = subprocess.run([sys.executable, "-c", probe, quantization], capture_output=True, text=True, timeout=120)
+        assert done.stdout.strip().splitlines()[-1] == imported, (quantization, done.stderr[-2000:])
+
+
+def test_nf4_silences_the_cpu_kernel_download_warning(caplog):
+    """The warning bitsandbytes logs on import where its optional Hub kernel is missing (AVX512-BF16 CPUs) is not
+    shown: the kernel serves only the CPU inference shortcut ptune turns off. Its other warnings still are."""
+    load_base_model(TINY_GLM, "float32", "nf4")
+    bnb_log = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    bnb_log.warning("Failed to load CPU gemm_4bit_forward from kernels-community: No module named 'kernels'. ...")
+    bnb_log.warning("another bitsandbytes warning")
+    assert "gemm_4bit_forward" not in caplog.text and "another bitsandbytes warning" in caplog.text
 
 
 @pytest.mark.parametrize("quantization", ["int4", "int8"])

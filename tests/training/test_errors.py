@@ -48,6 +48,24 @@ def test_bad_data_is_one_line_and_the_run_log_holds_it(tmp_path):
     assert "Traceback" in full.stderr and "DataError" in full.stderr
 
 
+@pytest.mark.parametrize(
+    ("name", "override", "expected"),
+    [
+        ("train.py", "max_steps=abc", "max_steps='abc': must be a whole number >= 1"),
+        ("train.py", "objective=rouge", "objective=rouge: unknown; choose one of eval_loss, rouge-1"),
+        ("evaluate.py", "max_samples=abc", "max_samples='abc': must be null or a whole number >= 1"),
+        ("evaluate.py", "max_samples=3", "give exactly one of checkpoint=PATH or predictions=PATH"),
+    ],
+)
+def test_a_bad_setting_is_refused_before_torch_loads(tmp_path, name, override, expected):
+    """torch and transformers take seconds to import: a setting that cannot work is refused before they load."""
+    probe = "import atexit, runpy, sys; atexit.register(lambda: print('torch loaded:', 'torch' in sys.modules)); "
+    probe += "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+    done = run_cli(sys.executable, "-c", probe, str(REPO / name), override, cwd=tmp_path, timeout=120)
+    assert done.returncode in (1, 2) and expected in one_line(done.stderr)
+    assert "torch loaded: False" in done.stdout
+
+
 def test_a_key_typo_lists_the_groups_keys_and_leaves_no_run_folder(tmp_path):
     result = script("train.py", "prefix.lenght=8", cwd=tmp_path)
     assert result.returncode == 2

@@ -195,6 +195,34 @@ def test_optuna_search_is_stored_and_resumes(tmp_path, cache):
     assert again.returncode == 0, again.stderr[-3000:]
     resumed = optuna.load_study(study_name="t", storage=storage)
     assert len(resumed.trials) == 5 and [t.value for t in resumed.trials[:3]] == losses
+    stored = [t.params for t in resumed.trials[:3]]
+    assert all(t.params not in stored for t in resumed.trials[3:])  # a resumed search draws new points
+    assert "setup plugin alembic" not in first.stdout + again.stdout  # Optuna's storage migrations, not ours
+    assert "sampler seed 3 (hydra.sweeper.sampler.seed=0 + 3 trials already in study 't')" in again.stdout
+
+
+def test_resumed_study_sampler_draws_new_points_and_a_fresh_one_the_same():
+    """The preset's sampler: a fresh study draws as TPESampler(seed) does; a resumed one, still in TPE's random
+    start-up phase, does not replay the trials it already holds (a re-seeded TPESampler does)."""
+    import optuna
+
+    from ptune.training.study_sampler import ResumingTPESampler
+
+    def draws(sampler, study=None, n=3):
+        study = study or optuna.create_study(sampler=sampler)
+        study.sampler = sampler
+        study.optimize(lambda t: t.suggest_float("x", 0, 1) + t.suggest_categorical("c", [1, 2]), n_trials=n)
+        return study, [t.params for t in study.trials[-n:]]
+
+    first = draws(ResumingTPESampler(seed=0))[1]
+    assert first == draws(optuna.samplers.TPESampler(seed=0))[1]
+    replayed = draws(optuna.samplers.TPESampler(seed=0), draws(ResumingTPESampler(seed=0))[0])[1]
+    assert replayed == first  # what TPE seeded alone does on a resume: the stored trials again
+    resumed = draws(ResumingTPESampler(seed=0), draws(ResumingTPESampler(seed=0))[0])[1]
+    assert not any(params in first for params in resumed)
+    assert multirun_hydra_config("hydra/sweeper=prefix_search").hydra.sweeper.sampler._target_.endswith(
+        "ResumingTPESampler"
+    )
 
 
 def test_search_direction_follows_the_objective():

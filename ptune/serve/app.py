@@ -9,7 +9,8 @@ Endpoints:
   POST /v1/chat/completions  OpenAI-compatible chat; ``"stream": true`` sends server-sent events
   GET  /v1/models            the models served: each checkpoint by its folder's name, then the bare base as
                              ``base_name`` (``ptune.serve.models``); a request's ``model`` picks one
-  GET  /health               engine alive, queue length, batch in flight, the limits, the largest batch so far
+  GET  /health               engine alive, queue length, batch in flight (slots in use), the limits, the largest
+                             batch so far, the prefixes loaded (their names)
 
 The modules: this one (the HTTP process: the service, the ``/v1`` and ``/health`` routes, streaming, the command
 line); ``serve.protocol`` (error shape, API key and body-size gate, OpenAI request bodies); ``serve.reference``

@@ -104,7 +104,7 @@ class EngineClient:
         self._lock = threading.Lock()
         self._pending: dict[str, _Pending] = {}
         self._ids = itertools.count()
-        self._stats: dict[str, int] = {"batch": 0, "largest_batch": 0}
+        self._stats: dict[str, int] = {"batch": 0, "largest_batch": 0, "slots_in_use": 0}
         self.exit_code: int | None = None  # set when the engine process has ended
         self.died = False  # it ended without being told to (close)
         self._closing = False
@@ -141,7 +141,7 @@ class EngineClient:
     def health(self) -> dict[str, Any]:
         with self._lock:
             in_flight, batch = len(self._pending), self._stats["batch"]
-            largest = self._stats["largest_batch"]
+            largest, slots = self._stats["largest_batch"], self._stats["slots_in_use"]
         return {
             "engine": "alive" if self.exit_code is None else self.dead_message(),
             "engine_pid": self.process.pid,
@@ -150,6 +150,8 @@ class EngineClient:
             "max_batch_size": self.max_batch_size,
             "max_queue": self.max_queue,
             "largest_batch": largest,
+            "slots_in_use": slots,  # rows holding a cache slot in the engine's decoder, of max_batch_size
+            "prefixes": self.ready["prefixes"],  # the names served with a prefix (the bare base has none)
         }
 
     def dead_message(self) -> str:
@@ -219,7 +221,7 @@ class EngineClient:
         kind = event["kind"]
         if kind == "stats":
             with self._lock:
-                self._stats = {"batch": event["batch"], "largest_batch": event["largest_batch"]}
+                self._stats = {key: event[key] for key in self._stats}
             return
         with self._lock:
             pending = self._pending.get(event["id"]) if kind == "text" else self._pending.pop(event["id"], None)

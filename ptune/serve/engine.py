@@ -75,7 +75,8 @@ def serve(folder: Path, cfg: DictConfig, served: list[Served], watch_parent: boo
         others = [entry.prefix for entry in served if isinstance(entry.prefix, torch.Tensor)]
         scheduler = Scheduler(served[0].loaded, int(cfg.max_batch_size), others)
         names = list(by_name)
-        ready = {"models": names, "describe": describe(served[0].loaded), "pid": os.getpid()}
+        prefixes = [entry.name for entry in served if entry.prefix is not None]  # the bare base carries none
+        ready = {"models": names, "prefixes": prefixes, "describe": describe(served[0].loaded), "pid": os.getpid()}
         events.send(ipc.pack({"ready": ready}))
         while True:
             if not requests.poll(0 if scheduler.busy else IDLE_POLL_MS):

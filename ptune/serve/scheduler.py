@@ -11,7 +11,7 @@ generation settings stay its own (greedy and sampled rows share a batch).
 What a turn produced comes back as a list of events (plain dicts, sent as one message): ``text`` (a streaming
 row's answer so far), ``done`` (the answer and its token counts), ``error`` (this request alone failed: its
 settings, its prompt, its token choice; a failed forward of the whole batch fails the rows in it) and ``stats``
-(the batch size, when it changed).
+(the batch size and the slots in use, when they changed).
 """
 
 from __future__ import annotations
@@ -91,7 +91,10 @@ class Scheduler:
             self.decoder = BatchDecoder(self.loaded, self.other_prefixes)
         if len(self.active) != self._reported_batch:
             self._reported_batch = len(self.active)
-            events.append({"kind": "stats", "batch": len(self.active), "largest_batch": self.largest_batch})
+            slots = len(self.decoder.rows)  # rows holding a cache slot (a stopped row's until it is answered)
+            events.append(
+                {"kind": "stats", "batch": len(self.active), "largest_batch": self.largest_batch, "slots_in_use": slots}
+            )
         return events
 
     def fail_all(self, err: BaseException) -> list[Event]:

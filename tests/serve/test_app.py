@@ -277,7 +277,7 @@ def test_models_and_health_are_answered_while_a_generation_runs(checkpoint, load
                 generation = asyncio.create_task(client.post("/v1/chat/completions", json=body, timeout=60))
                 while not app.state.service.engine.health()["batch"]:  # the row is in the batch
                     await asyncio.sleep(0.005)
-                answered = [(await client.get(path)).status_code for path in ("/v1/models", "/health")]
+                answered = [await client.get(path) for path in ("/v1/models", "/health")]
                 still_running = not generation.done()
                 return still_running, answered, await generation
 
@@ -285,7 +285,9 @@ def test_models_and_health_are_answered_while_a_generation_runs(checkpoint, load
             still_running, answered, generation = asyncio.run(scenario())
         finally:
             hook.remove()
-    assert answered == [200, 200] and still_running
+    assert [r.status_code for r in answered] == [200, 200] and still_running
+    health = answered[1].json()
+    assert health["slots_in_use"] == 1 and health["prefixes"] == [Path(checkpoint).name]
     assert generation.status_code == 200 and generation.json()["usage"]["completion_tokens"] >= 10
 
 
@@ -578,9 +580,10 @@ def test_settings_are_honoured_per_request_in_one_batch(base_url, alone, loaded)
     assert sampled_alone == generate_answers(loaded, [Example(PROMPTS[5], "")], settings, 1)[0]  # exactly those
 
 
-def test_health_reports_the_queue_and_the_batch_in_flight(base_url):
+def test_health_reports_the_queue_the_batch_in_flight_the_slots_and_the_prefixes(base_url, checkpoint):
     health = httpx.get(f"{base_url}/health").json()
-    assert health == {**health, "status": "ok", "queue": 0, "batch": 0, "max_batch_size": 16, "max_queue": 64}
+    expected = {"status": "ok", "queue": 0, "batch": 0, "max_batch_size": 16, "max_queue": 64, "slots_in_use": 0}
+    assert health == {**health, **expected, "prefixes": [checkpoint.name]}
 
 
 @pytest.fixture(scope="module")
@@ -724,7 +727,7 @@ def keyed_server(checkpoint, tmp_path_factory):
     stop_process(running.proc)
 
 
-def test_health_answers_a_keyless_liveness_probe_and_details_only_with_the_key(keyed_server):
+def test_health_answers_a_keyless_liveness_probe_and_details_only_with_the_key(keyed_server, checkpoint):
     deadline = time.monotonic() + 120
     while True:  # the models route needs the key, so wait on the keyless probe
         try:
@@ -739,6 +742,7 @@ def test_health_answers_a_keyless_liveness_probe_and_details_only_with_the_key(k
     good = {"Authorization": "Bearer s3cret"}
     details = httpx.get(f"{keyed_server.url}/health", headers=good).json()
     assert details["status"] == "ok" and details["max_batch_size"] == 16 and details["batch"] == 0
+    assert details["slots_in_use"] == 0 and details["prefixes"] == [checkpoint.name]
     assert httpx.get(f"{keyed_server.url}/v1/models").status_code == 401
     assert httpx.post(f"{keyed_server.url}/health").status_code == 401
 

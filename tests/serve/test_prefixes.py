@@ -53,6 +53,7 @@ def test_three_prefixes_and_the_bare_base_in_one_batch_each_answer_as_alone(serv
     url = wait_until_up(server)
     names = [f"run{length}/checkpoint-4" for length in LENGTHS]  # the folders share a name: named by run too
     assert [m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]] == [*names, "base"]
+    assert httpx.get(f"{url}/health").json()["prefixes"] == names  # the bare base is served, but with no prefix
     models, prompts = [*names, "base"], PROMPTS[:4]
     alone = {(m, p): ask(url, m, p) for m in models for p in prompts}  # one at a time
     for p in prompts:  # the prefixes do change the answers, so a row given another's prefix would show

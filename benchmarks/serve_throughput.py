@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import platform
 import socket
@@ -184,6 +185,22 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
+def plain(value: float) -> str:
+    """Three significant digits as a plain number with thousands separators (``1,560``, ``27.6``, ``0.037``):
+    ``:.3g`` would print ``1.56e+03`` in the tokens/s column."""
+    rounded = float(f"{value:.3g}")
+    if rounded == 0:
+        return "0"
+    decimals = max(0, 2 - math.floor(math.log10(abs(rounded))))
+    text = f"{rounded:,.{decimals}f}"
+    return text.rstrip("0").rstrip(".") if decimals else text
+
+
+def cell(value: float, base: float) -> str:
+    """A table cell: the value and its ratio to the one-at-a-time mode's."""
+    return f"{plain(value)} ({value / base:.2f}x)"
+
+
 def summarise(wall: float, results: list[dict]) -> dict[str, float]:
     latencies = [r["latency"] for r in results]
     return {
@@ -249,7 +266,7 @@ def scheduler_table(args: argparse.Namespace, checkpoint: Path) -> None:
     print(f"\nThe scheduler alone (no HTTP), {args.scheduler_clients} client threads, medians of {args.rounds}:\n")
     print("| mode | generated tokens/s |\n|---|---|")
     for name, values in measured.items():
-        print(f"| {name} | {statistics.median(values):,.0f} ({statistics.median(values) / base:.2f}x) |")
+        print(f"| {name} | {cell(statistics.median(values), base)} |")
 
 
 def main() -> None:
@@ -321,7 +338,7 @@ def main() -> None:
         base = {k: statistics.median(m[k] for m in measured[(base_mode, clients)]) for k in keys}
         for mode in modes:
             med = {k: statistics.median(m[k] for m in measured[(mode, clients)]) for k in keys}
-            cells = [f"{med[k]:.3g} ({med[k] / base[k]:.2f}x)" for k in keys]
+            cells = [cell(med[k], base[k]) for k in keys]
             print(f"| {clients} | {mode} | " + " | ".join(cells) + " |")
     if args.scheduler_clients:
         scheduler_table(args, checkpoint)

@@ -1,6 +1,6 @@
 """Benchmark scripts run end to end on CPU with tiny settings, so they cannot rot: the prepared GPU check, the
-serve benchmark's in-process scheduler runs and wide model, and the prefix-start comparison; settings a benchmark
-cannot measure are refused by name."""
+serve benchmark's in-process scheduler runs, wide model and table numbers, and the prefix-start comparison;
+settings a benchmark cannot measure are refused by name."""
 
 from __future__ import annotations
 
@@ -80,3 +80,15 @@ def test_quantization_benchmark_refuses_one_step_by_name():
     )
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "--steps 1: at least 2 (the first step includes one-time set-up and is not timed)" in done.stderr
+
+
+def test_serve_throughput_prints_plain_numbers_never_exponents():
+    cell = load_benchmark("serve_throughput").cell
+    assert cell(1560.4, 1240.0) == "1,560 (1.26x)"  # tokens/s: not 1.56e+03
+    assert cell(11207.0, 1897.0) == "11,200 (5.91x)"
+    assert [cell(v, v) for v in (151.3, 27.64, 0.037, 0.4651)] == [
+        "151 (1.00x)",
+        "27.6 (1.00x)",
+        "0.037 (1.00x)",
+        "0.465 (1.00x)",
+    ]

@@ -26,8 +26,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
-from ptune.data.reading import file_problem
-from ptune.utils.paths import REPO_ROOT, check_model_dir
+from ptune.utils.paths import REPO_ROOT
 
 logger = logging.getLogger(__name__)
 
@@ -207,14 +206,9 @@ def prefix_init_problems(cfg: DictConfig) -> list[str]:
 
 
 def check_train_config(cfg: DictConfig) -> None:
-    """train.py's config: top-level knobs of the right type, no unknown key in a group, a prefix start that fits,
-    a model folder and data files that are there."""
+    """train.py's config: top-level knobs of the right type, no unknown key in a group, a prefix start that fits."""
     problems = type_problems(cfg, TRAIN_RULES) + unknown_key_problems(cfg)
     _raise(problems or prefix_init_problems(cfg))
-    check_model_dir(cfg.model.path)  # the folders too, before torch loads: named at once, not after ~5 s
-    for split in (cfg.dataset.train_file, cfg.dataset.validation_file):
-        if (problem := file_problem(Path(cfg.dataset.dir).expanduser() / split)) is not None:
-            raise problem
 
 
 def check_frontend_config(cfg: DictConfig) -> None:

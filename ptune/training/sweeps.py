@@ -125,4 +125,4 @@ def cap_torch_threads(torch_threads: int | None) -> None:
     else:
         return
     torch.set_num_threads(threads)
-    logger.info("torch threads: %d (%s)", threads, why)
+    logger.info("torch threads: %d (%s) in process %d", threads, why, os.getpid())

@@ -39,7 +39,8 @@ class SlotCache:
         self.visible = self.end = self.position = None
         self.used = 0  # slots 0 .. used - 1 hold rows
         self.width = region  # columns holding data in some slot in use: every step reads this many plus one
-        self._columns: torch.Tensor | None = None  # during a step: each row's write column
+        self.dense = True  # every row in use attends to all ``width`` columns (no padding, one length)
+        self._columns: torch.Tensor | int | None = None  # during a step: each row's write column (dense: theirs)
 
     def write(self, prefilled, mask: torch.Tensor, positions: torch.Tensor, new_tokens: int) -> None:
         """Put a freshly prefilled group of rows in the next free slots: ``prefilled``'s layers hold their keys and
@@ -55,29 +56,39 @@ class SlotCache:
         self.visible[here] = False
         self.visible[here, :columns] = mask.bool()
         self.end[here], self.position[here] = columns, positions
+        self.dense = (self.used == 0 or (self.dense and self.width == columns)) and bool(mask.all())
         self.used += rows
         self.width = max(self.width, columns)
 
     def step_mask(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Before a step's forward: each row's next token goes in at its write column. The step's attention mask
         ``[used, 1, 1, width]`` (its prefix, its tokens and the new one) and its positions ``[used, 1]``."""
-        rows = torch.arange(self.used, device=self.end.device)
-        self._columns = self.end[: self.used].clone()
-        self.visible[rows, self._columns] = True
-        positions = self.position[: self.used, None].clone()
-        self.end[: self.used] += 1
-        self.position[: self.used] += 1
+        used = self.used
+        if self.dense:  # every row writes at column ``width``: a slice, not a scatter
+            self._columns = self.width
+            self.visible[:used, self.width] = True
+        else:
+            self._columns = self.end[:used].clone()
+            self.visible[torch.arange(used, device=self.end.device), self._columns] = True
+        positions = self.position[:used, None].clone()
+        self.end[:used] += 1
+        self.position[:used] += 1
         self.width += 1
-        return self.visible[: self.used, None, None, : self.width], positions
+        return self.visible[:used, None, None, : self.width], positions
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer: int, *_args, **_kwargs):
         """The model's attention, once per layer in a step: write the rows' new ``[used, kv_heads, 1, head_dim]``
         key and value at their write columns and return every row's keys and values so far (views)."""
         if key.shape[2] != 1 or self._columns is None:
             raise RuntimeError("SlotCache takes one token per row per step; a prompt is prefilled apart (write)")
-        rows = torch.arange(self.used, device=key.device)
-        self.keys[layer][rows, :, self._columns] = key[:, :, 0]
-        self.values[layer][rows, :, self._columns] = value[:, :, 0]
+        used, column = self.used, self._columns
+        if isinstance(column, int):
+            self.keys[layer][:used, :, column : column + 1] = key
+            self.values[layer][:used, :, column : column + 1] = value
+        else:
+            rows = torch.arange(used, device=key.device)
+            self.keys[layer][rows, :, column] = key[:, :, 0]
+            self.values[layer][rows, :, column] = value[:, :, 0]
         return self.keys[layer][: self.used, :, : self.width], self.values[layer][: self.used, :, : self.width]
 
     def free(self, slots: list[int]) -> list[int]:
@@ -92,6 +103,7 @@ class SlotCache:
             order.pop()
             self.used -= 1
         self.width = int(self.end[: self.used].max()) if self.used else self.region
+        self.dense = bool(self.visible[: self.used, : self.width].all())
         return order
 
     def _move(self, source: int, target: int) -> None:

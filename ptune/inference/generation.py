@@ -33,7 +33,7 @@ from ptune.data.prompts import newest_turns_that_fit
 from ptune.data.reading import Example
 from ptune.inference.loading import LoadedModel
 from ptune.inference.slots import SlotCache
-from ptune.model.prefix import PrefixTunedModel
+from ptune.model.prefix import PrefixShape, PrefixTunedModel
 
 GENERATE_DEFAULT_TOP_K = 50  # what ``generate`` samples with when the model's generation config sets no top_k
 
@@ -183,9 +183,9 @@ class BatchDecoder:
         configured = getattr(getattr(getattr(self.model, "base", self.model), "generation_config", None), "top_k", None)
         self.top_k = GENERATE_DEFAULT_TOP_K if configured is None else configured
         self.rows: list[Row] = []  # row k is in the cache's slot k
+        dtype = next(self.model.parameters()).dtype
         if isinstance(self.model, PrefixTunedModel):
             # in the base's dtype once, not at every join
-            dtype = next(self.model.parameters()).dtype
             self._prefix: torch.Tensor | None = self.model.inference_prefix().to(dtype)
             self._forward_context = self.model.prefix_in_cache
         else:
@@ -194,6 +194,10 @@ class BatchDecoder:
         self._prefix_length = max((p.shape[3] for p in known), default=0)  # the prefix region's width
         self._prefix_like = known[0] if known else None  # its layers, heads and head size
         self.cache = SlotCache(self.model.config.num_hidden_layers, self._prefix_length, slots, length)
+        if slots and length and dtype.is_floating_point:  # allocated now, not by the first request
+            shape = PrefixShape.from_config(self.model.config)
+            like = torch.empty(1, shape.num_kv_heads, 1, shape.head_dim, dtype=dtype, device=self.device)
+            self.cache.reserve(like, slots, length)
 
     def add(self, prompts: Sequence[list[int]], settings: Sequence[GenerationSettings]) -> list[Row]:
         """Encode ``prompts`` together and add them to the batch with their first answer token chosen."""

@@ -48,7 +48,7 @@ class SlotCache:
         what each attends to, ``positions`` ``[rows]`` their next positions; ``new_tokens``, the most any of them
         will add, sizes the buffers if they must grow."""
         rows, columns = mask.shape
-        self._reserve(prefilled.layers[0].keys, self.used + rows, columns - self.region + new_tokens)
+        self.reserve(prefilled.layers[0].keys, self.used + rows, columns - self.region + new_tokens)
         here = slice(self.used, self.used + rows)
         for layer, source in enumerate(prefilled.layers):
             self.keys[layer][here, :, :columns] = source.keys
@@ -114,10 +114,14 @@ class SlotCache:
         self.visible[target] = self.visible[source]
         self.end[target], self.position[target] = self.end[source], self.position[source]
 
-    def _reserve(self, like: torch.Tensor, slots: int, length: int) -> None:
-        """Buffers for at least ``slots`` rows of ``length`` tokens after the region, in ``like``'s dtype. Allocated
-        at the first write; grown (the rows in use copied over) only when a join needs more."""
-        if self.keys and slots <= self.keys[0].shape[0] and self.region + length <= self.keys[0].shape[2]:
+    def reserve(self, like: torch.Tensor, slots: int, length: int) -> None:
+        """Buffers for at least ``slots`` rows of ``length`` tokens after the region, shaped and typed as ``like``'s
+        heads: allocated once (``BatchDecoder`` does it at its start when it is given sizes, so that the first
+        request does not pay for zeroing them, and a cache too large fails then), grown (the rows in use copied
+        over) only when a join needs more."""
+        current = self.keys[0] if self.keys else None
+        fits = current is not None and slots <= current.shape[0] and self.region + length <= current.shape[2]
+        if fits and current.dtype == like.dtype and current.shape[1::2] == like.shape[1::2]:
             return
         slots, length = max(slots, self.slots), max(length, self.length)
         _, heads, _, dim = like.shape

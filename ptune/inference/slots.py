@@ -12,12 +12,12 @@ joined with) and answer tokens, each new one written at the row's own write colu
 it gets alone. The slots in use are always ``0 .. used - 1``: a leaving row's slot receives the last slot's row
 (a copy of that one row), so a step's forward reads views ``[:used, :, :width]`` of the buffers, never a gather.
 
-Memory: ``2 x layers x slots x kv_heads x (region + length) x head_dim`` values of the model's dtype, allocated at
-the first join. ``ptune serve`` sizes ``length`` to the longest prompt (``max_source_length``) plus
-``max_new_tokens_limit``: ChatGLM2-6B (28 layers, 2 key/value heads of 128, float16: 28 KiB a token) with 16
-slots, a 128-position prefix, 512-token prompts and 2048 new tokens takes 16 x 2688 x 28 KiB = 1.15 GiB. Without
-sizes (the evaluator, the chat front ends) it is sized to the first join's rows, and grows (one copy of the rows
-in use) only when a later join needs more slots or columns.
+Memory: ``2 x layers x slots x kv_heads x (region + length) x head_dim`` values of the model's dtype, allocated
+when the decoder starts if it is given sizes, else at the first join. ``ptune serve`` sizes ``length`` to the
+longest prompt (``max_source_length``) plus ``max_new_tokens_limit``: ChatGLM2-6B (28 layers, 2 key/value heads
+of 128, float16: 28 KiB a token) with 16 slots, a 128-position prefix, 512-token prompts and 2048 new tokens
+takes 16 x 2688 x 28 KiB = 1.15 GiB. Without sizes (the evaluator, the chat front ends) it is sized to the first
+join's rows, and grows (one copy of the rows in use) only when a later join needs more slots or columns.
 
 Not a ``transformers.Cache``: the model's attention calls only ``update``, and the decoder passes a ready 4-D mask
 (``step_mask``), which transformers' mask building returns as it is.

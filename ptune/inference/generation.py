@@ -32,7 +32,8 @@ from transformers import (
 from ptune.data.prompts import newest_turns_that_fit
 from ptune.data.reading import Example
 from ptune.inference.loading import LoadedModel
-from ptune.model.prefix import PrefixTunedModel
+from ptune.inference.slots import SlotCache
+from ptune.model.prefix import PrefixShape, PrefixTunedModel
 
 GENERATE_DEFAULT_TOP_K = 50  # what ``generate`` samples with when the model's generation config sets no top_k
 
@@ -145,15 +146,19 @@ class Row:
 class BatchDecoder:
     """Step-wise batched decoding with rows that join and leave between steps (continuous batching).
 
-    ``add`` encodes new prompts together (left-padded) and merges their KV cache into the running batch (``new_row``
-    then ``join`` do the same in two steps, so a row whose settings fail fails alone), ``step`` decodes one token
-    for every row, ``remove`` takes rows out (finished, or their client gone). A row whose token cannot be chosen
+    ``add`` encodes new prompts together (left-padded) and writes their keys/values into free slots of the batch's
+    cache (``new_row`` then ``join`` do the same in two steps, so a row whose settings fail fails alone), ``step``
+    decodes one token for every row, ``remove`` takes rows out (finished, or their client gone) and frees their
+    slots. A row whose token cannot be chosen
     (its sampling settings give no distribution) ends with ``finish == "error"`` and its ``error``; the others go
     on. Each row keeps
     its own positions (0 at its first real token), so a row's tokens are those it would get alone. With a prefix,
     its keys/values are computed once (``PrefixTunedModel.inference_prefix``) and sit at the front of every row's
-    cache instead of being recomputed and concatenated at every step of every layer. Cache layout per row:
-    ``[prefix | left padding | prompt and answer so far]``; the attention mask marks the padding.
+    cache instead of being recomputed and concatenated at every step of every layer. The cache is a per-slot one
+    (``ptune.inference.slots.SlotCache``: its layout and memory); per row ``[prefix | its join group's left padding
+    | prompt and answer so far | free]``, the mask hiding the padding and the free columns. ``slots`` and
+    ``length`` size it at once (``ptune serve``: max_batch_size, and the longest prompt plus max_new_tokens_limit);
+    without them it fits the first rows that join and grows when a join needs more.
 
     Rows may carry different prefixes (several checkpoints of one base, ``ptune serve checkpoint=A,B``) or none
     (the bare base): ``new_row(..., prefix=...)``. The prefix region is then as wide as the longest prefix given
@@ -162,7 +167,13 @@ class BatchDecoder:
 
     Not thread-safe: one thread owns a decoder (and the model) at a time."""
 
-    def __init__(self, loaded: LoadedModel, other_prefixes: Sequence[torch.Tensor] = ()) -> None:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        other_prefixes: Sequence[torch.Tensor] = (),
+        slots: int | None = None,
+        length: int | None = None,
+    ) -> None:
         self.loaded, self.model = loaded, loaded.model
         self.stops = eos_ids(loaded)
         self._stop_set = set(self.stops)
@@ -171,13 +182,10 @@ class BatchDecoder:
         self.device = next(self.model.parameters()).device
         configured = getattr(getattr(getattr(self.model, "base", self.model), "generation_config", None), "top_k", None)
         self.top_k = GENERATE_DEFAULT_TOP_K if configured is None else configured
-        self.rows: list[Row] = []
-        self._cache: DynamicCache | None = None
-        self._mask: torch.Tensor | None = None  # [rows, cache length]: 1 for the prefix and real tokens, 0 for padding
-        self._positions: torch.Tensor | None = None  # [rows]: the next token's position (its real tokens so far)
+        self.rows: list[Row] = []  # row k is in the cache's slot k
+        dtype = next(self.model.parameters()).dtype
         if isinstance(self.model, PrefixTunedModel):
             # in the base's dtype once, not at every join
-            dtype = next(self.model.parameters()).dtype
             self._prefix: torch.Tensor | None = self.model.inference_prefix().to(dtype)
             self._forward_context = self.model.prefix_in_cache
         else:
@@ -185,6 +193,11 @@ class BatchDecoder:
         known = [p for p in (self._prefix, *other_prefixes) if p is not None]
         self._prefix_length = max((p.shape[3] for p in known), default=0)  # the prefix region's width
         self._prefix_like = known[0] if known else None  # its layers, heads and head size
+        self.cache = SlotCache(self.model.config.num_hidden_layers, self._prefix_length, slots, length)
+        if slots and length and dtype.is_floating_point:  # allocated now, not by the first request
+            shape = PrefixShape.from_config(self.model.config)
+            like = torch.empty(1, shape.num_kv_heads, 1, shape.head_dim, dtype=dtype, device=self.device)
+            self.cache.reserve(like, slots, length)
 
     def add(self, prompts: Sequence[list[int]], settings: Sequence[GenerationSettings]) -> list[Row]:
         """Encode ``prompts`` together and add them to the batch with their first answer token chosen."""
@@ -211,7 +224,9 @@ class BatchDecoder:
         # positions as ``generate`` gives them: counted over real tokens, padding at 0
         positions = (real.cumsum(-1) - 1).masked_fill(real == 0, 0).to(self.device)
         logits = self._forward(ids.to(self.device), mask, positions, cache)
-        self._merge(rows, cache, mask, positions[:, -1] + 1)
+        new_tokens = max(r.settings.max_new_tokens for r in rows)
+        self.cache.write(cache, mask, positions[:, -1] + 1, new_tokens)
+        self.rows = self.rows + rows
         self._choose(rows, logits)
         return rows
 
@@ -221,32 +236,18 @@ class BatchDecoder:
         if any(r.finish for r in self.rows):
             raise ValueError("remove finished rows before the next step")
         last = torch.tensor([[r.ids[-1]] for r in self.rows], device=self.device)
-        self._mask = torch.cat([self._mask, self._mask.new_ones(len(self.rows), 1)], dim=1)
-        logits = self._forward(last, self._mask, self._positions[:, None], self._cache)
-        self._positions = self._positions + 1
+        mask, positions = self.cache.step_mask()
+        logits = self._forward(last, mask, positions, self.cache)
         self._choose(self.rows, logits)
 
     @torch.inference_mode()
     def remove(self, rows: Sequence[Row]) -> None:
-        """Take ``rows`` out of the batch; padding no remaining row needs is cut from the cache."""
+        """Take ``rows`` out of the batch and free their cache slots."""
         gone = {id(r) for r in rows}
-        keep = [k for k, r in enumerate(self.rows) if id(r) not in gone]
-        if len(keep) == len(self.rows):
-            return
-        self.rows = [self.rows[k] for k in keep]
-        if not keep:
-            self._cache = self._mask = self._positions = None
-            return
-        index = torch.tensor(keep, device=self.device)
-        self._mask, self._positions = self._mask[index], self._positions[index]
-        start = self._prefix_length
-        used = self._mask[:, start:].any(dim=0).nonzero()
-        cut = int(used[0]) if used.numel() else 0  # leading columns that are padding for every remaining row
-        width = self._mask.shape[1]
-        columns = torch.cat([torch.arange(start), torch.arange(start + cut, width)]).to(self.device)
-        self._mask = self._mask[:, columns]
-        for layer in self._cache.layers:
-            layer.keys, layer.values = layer.keys[index][:, :, columns], layer.values[index][:, :, columns]
+        slots = [k for k, r in enumerate(self.rows) if id(r) in gone]
+        if slots:
+            order = self.cache.free(slots)
+            self.rows = [self.rows[k] for k in order]
 
     def _prefix_mask(self, rows: list[Row]) -> torch.Tensor:
         """[rows, prefix region]: 1 over each row's own prefix, 0 over the rest of the region."""
@@ -281,21 +282,6 @@ class BatchDecoder:
             )
         return out.logits[:, -1, :].to(dtype=torch.float32)
 
-    def _merge(self, rows: list[Row], cache: DynamicCache, mask: torch.Tensor, positions: torch.Tensor) -> None:
-        """Append freshly encoded rows to the batch, left-padding (after the prefix) whichever cache is shorter."""
-        if self._cache is None:
-            self.rows, self._cache, self._mask, self._positions = rows, cache, mask, positions
-            return
-        width = max(self._mask.shape[1], mask.shape[1])
-        old_pad, new_pad = width - self._mask.shape[1], width - mask.shape[1]
-        p = self._prefix_length
-        for old, new in zip(self._cache.layers, cache.layers, strict=True):
-            old.keys = torch.cat([_pad_after(old.keys, p, old_pad, 2), _pad_after(new.keys, p, new_pad, 2)])
-            old.values = torch.cat([_pad_after(old.values, p, old_pad, 2), _pad_after(new.values, p, new_pad, 2)])
-        self._mask = torch.cat([_pad_after(self._mask, p, old_pad, 1), _pad_after(mask, p, new_pad, 1)])
-        self._positions = torch.cat([self._positions, positions])
-        self.rows = self.rows + rows
-
     def _choose(self, rows: list[Row], logits: torch.Tensor) -> None:
         greedy = logits.argmax(dim=-1).tolist()
         for k, row in enumerate(rows):
@@ -313,16 +299,6 @@ class BatchDecoder:
             row.ids.append(token)
             if len(row.ids) >= row.settings.max_new_tokens:
                 row.finish = "length"
-
-
-def _pad_after(tensor: torch.Tensor, start: int, count: int, dim: int) -> torch.Tensor:
-    """``count`` zeros inserted at index ``start`` of ``dim`` (padding between the prefix and the real tokens)."""
-    if count == 0:
-        return tensor
-    shape = list(tensor.shape)
-    shape[dim] = count
-    head, tail = tensor.narrow(dim, 0, start), tensor.narrow(dim, start, tensor.shape[dim] - start)
-    return torch.cat([head, tensor.new_zeros(shape), tail], dim=dim)
 
 
 def row_settings(settings: GenerationSettings, prompt: Sequence[int]) -> GenerationSettings:

@@ -2,11 +2,11 @@
 driven a turn at a time by the engine's busy loop (``ptune.serve.engine``), in one thread, with no HTTP work.
 
 Each turn (``run_once``): waiting requests join the batch while there are free slots (up to ``max_batch_size``;
-they are encoded together and merged into the running batch), rows whose client left or that ended (an end token
-or their own ``max_new_tokens``) are answered and free their slot, streaming rows get their text so far, and every
-row left gets one new token (``BatchDecoder.step``). So a request that arrives while others decode waits one
-step, not for the whole batch; with ``max_batch_size=1`` requests run one at a time in arrival order. A request's
-generation settings stay its own (greedy and sampled rows share a batch).
+they are encoded together and written into free slots of the decoder's per-slot cache), rows whose client left
+or that ended (an end token or their own ``max_new_tokens``) are answered and free their slot, streaming rows get
+their text so far, and every row left gets one new token (``BatchDecoder.step``). So a request that arrives while
+others decode waits one step, not for the whole batch; with ``max_batch_size=1`` requests run one at a time in
+arrival order. A request's generation settings stay its own (greedy and sampled rows share a batch).
 
 What a turn produced comes back as a list of events (plain dicts, sent as one message): ``text`` (a streaming
 row's answer so far), ``done`` (the answer and its token counts), ``error`` (this request alone failed: its
@@ -48,11 +48,20 @@ class Scheduler:
     """The waiting queue and the batch in flight; see the module docstring. Not thread-safe: the engine's one
     thread calls ``submit``, ``cancel`` and ``run_once``."""
 
-    def __init__(self, loaded: LoadedModel, max_batch_size: int, other_prefixes: Sequence[torch.Tensor] = ()) -> None:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        max_batch_size: int,
+        other_prefixes: Sequence[torch.Tensor] = (),
+        row_tokens: int | None = None,
+    ) -> None:
+        """``row_tokens``: the most tokens a row holds, prompt and answer (the engine: the longest prompt plus
+        max_new_tokens_limit), so that the decoder's cache slots are allocated once at their full size."""
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         self.loaded, self.max_batch_size, self.other_prefixes = loaded, max_batch_size, list(other_prefixes)
-        self.decoder = BatchDecoder(loaded, self.other_prefixes)
+        self.row_tokens = row_tokens
+        self.decoder = self._new_decoder()
         self.waiting: collections.deque[Job] = collections.deque()
         self.active: list[Job] = []
         self.largest_batch = 0
@@ -88,7 +97,7 @@ class Scheduler:
             logger.exception("generation failed for %d request(s)", len(self.active))
             events += [_error(job, err) for job in self.active]
             self.active = []
-            self.decoder = BatchDecoder(self.loaded, self.other_prefixes)
+            self.decoder = self._new_decoder()
         if len(self.active) != self._reported_batch:
             self._reported_batch = len(self.active)
             slots = len(self.decoder.rows)  # rows holding a cache slot (a stopped row's until it is answered)
@@ -96,6 +105,9 @@ class Scheduler:
                 {"kind": "stats", "batch": len(self.active), "largest_batch": self.largest_batch, "slots_in_use": slots}
             )
         return events
+
+    def _new_decoder(self) -> BatchDecoder:
+        return BatchDecoder(self.loaded, self.other_prefixes, self.max_batch_size, self.row_tokens)
 
     def fail_all(self, err: BaseException) -> list[Event]:
         """Every request waiting or in flight fails with ``err`` (the engine is shutting down)."""

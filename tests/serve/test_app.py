@@ -643,7 +643,10 @@ BAD_SETTINGS = [
 
 
 @pytest.mark.parametrize(("bad", "field"), BAD_SETTINGS)
-def test_one_bad_request_in_a_batch_of_six_fails_alone_and_the_five_answer_as_alone(base_url, alone, bad, field):
+def test_one_bad_request_among_six_fails_alone_and_the_five_answer_as_alone(base_url, alone, bad, field):
+    """Refused at the door, so whether the five then share a batch depends on when they arrive (not asserted: with
+    the per-slot cache a short answer can end before the last one joins); a row failing inside a batch is
+    test_a_row_whose_settings_fail_in_the_decoder_fails_alone."""
     chat = f"{base_url}/v1/chat/completions"
     bodies = [{"messages": user(p)} for p in PROMPTS[:5]]
     bodies.insert(2, {"messages": user(PROMPTS[5]), **bad})
@@ -651,16 +654,13 @@ def test_one_bad_request_in_a_batch_of_six_fails_alone_and_the_five_answer_as_al
     def ask(body: dict) -> httpx.Response:
         return httpx.post(chat, json=body, timeout=120)
 
-    watch = BatchWatch(base_url)
     with ThreadPoolExecutor(6) as pool:
         responses = list(pool.map(ask, bodies))
-    largest = watch.stop()
     refused = responses.pop(2)
     assert refused.status_code == 422, refused.text
     assert refused.json()["error"]["param"] == field and field in refused.json()["error"]["message"]
     assert [r.status_code for r in responses] == [200] * 5, [r.text for r in responses]
     assert [r.json()["choices"][0]["message"]["content"] for r in responses] == alone[:5]
-    assert largest >= 3  # the five shared a batch
     stream = httpx.post(chat, json={**bodies[2], "stream": True}, timeout=30)
     assert stream.status_code == 422 and field in stream.text  # refused before a stream begins
     reference = httpx.post(f"{base_url}/", json={"prompt": PROMPTS[5], "temperature": 1e-300}, timeout=30)

@@ -16,7 +16,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from ptune.checkpoints.config_checks import check_train_config
+from ptune.checkpoints.config_checks import check_train_config, check_train_paths
 from ptune.training.hydra_setup import route_library_logs, run_output_dir, run_script
 from ptune.training.objective import check_objective
 from ptune.training.sweeps import cap_torch_threads, check_plugin_choices, check_torchrun_sweep
@@ -25,6 +25,7 @@ from ptune.training.sweeps import cap_torch_threads, check_plugin_choices, check
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float:
     check_train_config(cfg)  # before torch and transformers load (~5 s): a bad setting is refused at once
+    check_train_paths(cfg)
     check_objective(cfg)
     from ptune.training.recipe import train  # here, not at the top: --help and a refused command line import no torch
 

@@ -133,20 +133,29 @@ def _all_problems(path: str | os.PathLike, problems: list[str]) -> str:
 # ---------------------------------------------------------------------------------------------------------
 
 
+def file_problem(path: str | os.PathLike) -> DataError | None:
+    """What is wrong with a split's path before it is read (None: it is a file); train.py checks both splits
+    with it before torch loads, so a wrong ``dataset.dir`` is refused at once."""
+    p = Path(path)
+    if p.is_dir():
+        return DataError(
+            f"{path}: is a directory, not a file. dataset.dir should be the directory and "
+            f"dataset.train_file / dataset.validation_file the file names inside it."
+        )
+    if not p.is_file():
+        return DataError(
+            f"{path}: file not found. Check dataset.dir (the data directory) and the file names "
+            f"dataset.train_file / dataset.validation_file."
+        )
+    return None
+
+
 def _read_text(path: str | os.PathLike, encoding: str) -> str:
+    if (problem := file_problem(path)) is not None:
+        raise problem
     p = Path(path)
     try:
         raw = p.read_bytes()
-    except FileNotFoundError:
-        raise DataError(
-            f"{path}: file not found. Check dataset.dir (the data directory) and the file names "
-            f"dataset.train_file / dataset.validation_file."
-        ) from None
-    except IsADirectoryError:
-        raise DataError(
-            f"{path}: is a directory, not a file. dataset.dir should be the directory and "
-            f"dataset.train_file / dataset.validation_file the file names inside it."
-        ) from None
     except OSError as e:
         raise DataError(f"{path}: cannot read the file ({e.strerror or e}).") from None
     try:

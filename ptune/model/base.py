@@ -15,6 +15,7 @@ from ptune.chatglm2.conversion import glm_config, is_original_chatglm2, load_cha
 from ptune.chatglm2.tokenizer import build_chatglm2_tokenizer
 from ptune.quantization.layers import check_quantization, quantize_model
 from ptune.utils.memory import release_free_memory
+from ptune.utils.paths import check_model_dir
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -23,16 +24,6 @@ def resolve_dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
         raise ValueError(f"model.dtype={name!r} is not supported; use one of {', '.join(DTYPES)}")
     return DTYPES[name]
-
-
-def check_model_dir(path: str | Path) -> Path:
-    """Fail at once, naming the folder and the key to fix, instead of deep inside transformers."""
-    folder = Path(path).expanduser()
-    if not folder.is_dir():
-        raise FileNotFoundError(f"model.path={path}: no such directory. Point model.path at a local model folder.")
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"model.path={path}: no config.json in this folder; is it a Hugging Face model?")
-    return folder
 
 
 def config_sha256(path: str | Path) -> str:

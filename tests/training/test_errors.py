@@ -55,6 +55,9 @@ def test_bad_data_is_one_line_and_the_run_log_holds_it(tmp_path):
         ("train.py", "objective=rouge", "objective=rouge: unknown; choose one of eval_loss, rouge-1"),
         ("evaluate.py", "max_samples=abc", "max_samples='abc': must be null or a whole number >= 1"),
         ("evaluate.py", "max_samples=3", "give exactly one of checkpoint=PATH or predictions=PATH"),
+        ("train.py", "model.path=/nope", "model.path=/nope: no such directory. Point model.path at a local model"),
+        ("train.py", "dataset.dir=/nope", "/nope/train.json: file not found. Check dataset.dir"),
+        ("train.py", "dataset.validation_file=.", "synthetic_adgen: is a directory, not a file. dataset.dir"),
     ],
 )
 def test_a_bad_setting_is_refused_before_torch_loads(tmp_path, name, override, expected):

@@ -21,7 +21,6 @@ from dataclasses import dataclass, field, replace
 
 import torch
 from transformers import (
-    DynamicCache,
     LogitsProcessorList,
     PreTrainedTokenizerBase,
     TemperatureLogitsWarper,
@@ -33,7 +32,7 @@ from ptune.data.prompts import newest_turns_that_fit
 from ptune.data.reading import Example
 from ptune.inference.loading import LoadedModel
 from ptune.inference.slots import SlotCache
-from ptune.model.prefix import PrefixShape, PrefixTunedModel
+from ptune.model.prefix import ATTN_IMPLEMENTATION, PrefixShape, PrefixTunedModel
 
 GENERATE_DEFAULT_TOP_K = 50  # what ``generate`` samples with when the model's generation config sets no top_k
 
@@ -107,13 +106,6 @@ def decode(tokenizer: PreTrainedTokenizerBase, ids: Sequence[int]) -> str:
     return tokenizer.decode(list(ids), skip_special_tokens=True).strip()
 
 
-def _left_padded(rows: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows])
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-    return ids, mask
-
-
 def _token_chooser(settings: GenerationSettings, top_k: int | None) -> LogitsProcessorList | None:
     """A sampled row's logits processors, as ``generate`` builds them (temperature, the model's top_k, top_p);
     None for a greedy row."""
@@ -139,6 +131,7 @@ class Row:
     generator: torch.Generator | None  # a sampled row's own random stream: its answer depends on its seed only
     prefix: torch.Tensor | None = None  # its prefix keys/values, [layers, 2, heads, length, dim]; None: the bare base
     ids: list[int] = field(default_factory=list)
+    prefilled: int = 0  # prompt tokens in its cache so far; all of them once it decodes
     finish: str | None = None  # "stop" (an end token), "length" (max_new_tokens reached) or "error" (see error)
     error: Exception | None = None  # why this row alone could not go on (its batch-mates are not touched)
 
@@ -146,19 +139,25 @@ class Row:
 class BatchDecoder:
     """Step-wise batched decoding with rows that join and leave between steps (continuous batching).
 
-    ``add`` encodes new prompts together (left-padded) and writes their keys/values into free slots of the batch's
-    cache (``new_row`` then ``join`` do the same in two steps, so a row whose settings fail fails alone), ``step``
-    decodes one token for every row, ``remove`` takes rows out (finished, or their client gone) and frees their
-    slots. A row whose token cannot be chosen
-    (its sampling settings give no distribution) ends with ``finish == "error"`` and its ``error``; the others go
-    on. Each row keeps
-    its own positions (0 at its first real token), so a row's tokens are those it would get alone. With a prefix,
-    its keys/values are computed once (``PrefixTunedModel.inference_prefix``) and sit at the front of every row's
-    cache instead of being recomputed and concatenated at every step of every layer. The cache is a per-slot one
-    (``ptune.inference.slots.SlotCache``: its layout and memory); per row ``[prefix | its join group's left padding
-    | prompt and answer so far | free]``, the mask hiding the padding and the free columns. ``slots`` and
-    ``length`` size it at once (``ptune serve``: max_batch_size, and the longest prompt plus max_new_tokens_limit);
-    without them it fits the first rows that join and grows when a join needs more.
+    ``join`` gives new rows free slots of the batch's cache (their prefixes copied in; ``new_row`` first makes a
+    row, so a row whose settings fail fails alone), ``step`` runs one forward for the whole batch: the next token
+    of every decoding row and, packed in the same pass, the prompts (or the next chunks of them, under
+    ``step_tokens``) of rows that joined, whose first answer token is chosen when their prompt is in; ``add`` joins
+    and steps until the new rows have their first token; ``remove`` takes rows out (finished, or their client gone)
+    and frees their slots. A row whose token cannot be chosen (its sampling settings give no distribution) ends with
+    ``finish == "error"`` and its ``error``; the others go on. Each row keeps its own positions (0 at its first
+    prompt token), so a row's tokens are those it would get alone. With a prefix, its keys/values are computed once
+    (``PrefixTunedModel.inference_prefix``) and sit at the front of the row's cache slot instead of being
+    recomputed and concatenated at every step of every layer. The cache and the packed step are
+    ``ptune.inference.slots``'s (layout, memory); ``slots`` and ``length`` size the cache at once (``ptune serve``:
+    max_batch_size, and the longest prompt plus max_new_tokens_limit); without them it fits the first rows that
+    join and grows when a join needs more.
+
+    Why a join costs no forward of its own: a decode step of a few rows reads all the model's weights to compute
+    a handful of tokens, so the joining prompt's tokens ride along almost for free, and the batch does not wait a
+    whole extra forward (on a small model, mostly Python's dispatch) for each arrival. ``step_tokens`` bounds a
+    step's tokens, so a long prompt arriving delays the running rows' next token by a bounded amount: it is
+    prefilled in chunks over several steps. None (the evaluator, the chat front ends): a whole prompt at once.
 
     Rows may carry different prefixes (several checkpoints of one base, ``ptune serve checkpoint=A,B``) or none
     (the bare base): ``new_row(..., prefix=...)``. The prefix region is then as wide as the longest prefix given
@@ -173,16 +172,21 @@ class BatchDecoder:
         other_prefixes: Sequence[torch.Tensor] = (),
         slots: int | None = None,
         length: int | None = None,
+        step_tokens: int | None = None,
     ) -> None:
-        self.loaded, self.model = loaded, loaded.model
+        if step_tokens is not None and step_tokens < 1:
+            raise ValueError(f"step_tokens must be at least 1 (or None: no limit), got {step_tokens}")
+        self.loaded, self.model, self.step_tokens = loaded, loaded.model, step_tokens
         self.stops = eos_ids(loaded)
         self._stop_set = set(self.stops)
-        tokenizer = loaded.tokenizer
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stops[0]
         self.device = next(self.model.parameters()).device
         configured = getattr(getattr(getattr(self.model, "base", self.model), "generation_config", None), "top_k", None)
         self.top_k = GENERATE_DEFAULT_TOP_K if configured is None else configured
+        self.vocab_size = self.model.config.vocab_size
         self.rows: list[Row] = []  # row k is in the cache's slot k
+        base = getattr(self.model, "base", self.model)
+        if base.config._attn_implementation != ATTN_IMPLEMENTATION:  # a bare base: plain SDPA plus the step hook
+            base.set_attn_implementation(ATTN_IMPLEMENTATION)
         dtype = next(self.model.parameters()).dtype
         if isinstance(self.model, PrefixTunedModel):
             # in the base's dtype once, not at every join
@@ -191,54 +195,71 @@ class BatchDecoder:
         else:
             self._prefix, self._forward_context = None, contextlib.nullcontext
         known = [p for p in (self._prefix, *other_prefixes) if p is not None]
-        self._prefix_length = max((p.shape[3] for p in known), default=0)  # the prefix region's width
-        self._prefix_like = known[0] if known else None  # its layers, heads and head size
-        self.cache = SlotCache(self.model.config.num_hidden_layers, self._prefix_length, slots, length)
+        region = max((p.shape[3] for p in known), default=0)  # the prefix region's width
+        self.cache = SlotCache(self.model.config.num_hidden_layers, region, slots, length)
+        shape = PrefixShape.from_config(self.model.config)
+        self._like = torch.empty(1, shape.num_kv_heads, 1, shape.head_dim, dtype=dtype, device=self.device)
         if slots and length and dtype.is_floating_point:  # allocated now, not by the first request
-            shape = PrefixShape.from_config(self.model.config)
-            like = torch.empty(1, shape.num_kv_heads, 1, shape.head_dim, dtype=dtype, device=self.device)
-            self.cache.reserve(like, slots, length)
+            self.cache.reserve(self._like, slots, length)
 
     def add(self, prompts: Sequence[list[int]], settings: Sequence[GenerationSettings]) -> list[Row]:
-        """Encode ``prompts`` together and add them to the batch with their first answer token chosen."""
-        return self.join([self.new_row(prompt, s) for prompt, s in zip(prompts, settings, strict=True)])
+        """Add ``prompts`` to the batch and step until each has its first answer token (or has ended)."""
+        rows = self.join([self.new_row(prompt, s) for prompt, s in zip(prompts, settings, strict=True)])
+        while any(r.prefilled < len(r.prompt) for r in rows):
+            self.step()
+        return rows
 
     def new_row(self, prompt: Sequence[int], settings: GenerationSettings, prefix: torch.Tensor | str = "own") -> Row:
-        """A row for ``prompt``, not yet in the batch; its settings fail here (a seed out of range), for it alone.
-        ``prefix``: the loaded model's own ("own"), another's keys/values (one of ``other_prefixes``), or None."""
+        """A row for ``prompt``, not yet in the batch; its settings or prompt fail here (a seed out of range, an id
+        outside the vocabulary), for it alone. ``prefix``: the loaded model's own ("own"), another's keys/values
+        (one of ``other_prefixes``), or None."""
         own = isinstance(prefix, str)
-        if not own and prefix is not None and prefix.shape[3] > self._prefix_length:
+        if not own and prefix is not None and prefix.shape[3] > self.cache.region:
             raise ValueError(f"a prefix of {prefix.shape[3]} positions is longer than this decoder's region")
+        if not prompt:
+            raise ValueError("an empty prompt: there is no token to answer after")
+        outside = [i for i in prompt if not 0 <= i < self.vocab_size]
+        if outside:
+            raise ValueError(f"prompt token id(s) {outside[:5]} are outside the vocabulary ({self.vocab_size})")
         generator = torch.Generator(self.device).manual_seed(settings.seed) if settings.do_sample else None
         chooser = _token_chooser(settings, self.top_k)
         return Row(list(prompt), settings, chooser, generator, self._prefix if own else prefix)
 
-    @torch.inference_mode()
     def join(self, rows: list[Row]) -> list[Row]:
-        """Encode ``rows`` together and add them to the batch with their first answer token chosen."""
-        ids, real = _left_padded([r.prompt for r in rows], self.pad_id)
-        cache = DynamicCache(config=self.model.config)
-        mask = torch.cat([self._prefix_mask(rows), real], dim=1).to(self.device)
-        for layer, (keys, values) in enumerate(self._prefix_rows(rows)):
-            cache.update(keys, values, layer)
-        # positions as ``generate`` gives them: counted over real tokens, padding at 0
-        positions = (real.cumsum(-1) - 1).masked_fill(real == 0, 0).to(self.device)
-        logits = self._forward(ids.to(self.device), mask, positions, cache)
-        new_tokens = max(r.settings.max_new_tokens for r in rows)
-        self.cache.write(cache, mask, positions[:, -1] + 1, new_tokens)
+        """Give ``rows`` free cache slots (their prefixes copied in); the next steps prefill their prompts."""
+        longest = max(len(r.prompt) + r.settings.max_new_tokens for r in rows)
+        self.cache.open([r.prefix for r in rows], self._like, longest)
         self.rows = self.rows + rows
-        self._choose(rows, logits)
         return rows
 
     @torch.inference_mode()
     def step(self) -> None:
-        """One new token for every row (rows that have finished must be removed first)."""
+        """One forward: a new token for every decoding row, the next prompt chunk of every prefilling row (under
+        ``step_tokens``), the first token of each whose prompt is then in (finished rows must be removed first)."""
         if any(r.finish for r in self.rows):
             raise ValueError("remove finished rows before the next step")
-        last = torch.tensor([[r.ids[-1]] for r in self.rows], device=self.device)
-        mask, positions = self.cache.step_mask()
-        logits = self._forward(last, mask, positions, self.cache)
-        self._choose(self.rows, logits)
+        decoding = [k for k, r in enumerate(self.rows) if r.prefilled == len(r.prompt)]
+        budget = None if self.step_tokens is None else max(self.step_tokens - len(decoding), 1)
+        chunks, choosing = [], [self.rows[k] for k in decoding]
+        tokens = [self.rows[k].ids[-1] for k in decoding]
+        for k, row in enumerate(self.rows):
+            left = len(row.prompt) - row.prefilled
+            if not left or budget == 0:
+                continue
+            length = left if budget is None else min(left, budget)
+            chunks.append((k, length))
+            tokens += row.prompt[row.prefilled : row.prefilled + length]
+            row.prefilled += length
+            budget = None if budget is None else budget - length
+        plan = self.cache.plan(decoding, chunks)
+        keep = list(range(len(decoding)))  # the positions whose next token is chosen
+        for chunk in plan.chunks:
+            if self.rows[chunk.slot].prefilled == len(self.rows[chunk.slot].prompt):
+                keep.append(chunk.start + chunk.length - 1)
+                choosing.append(self.rows[chunk.slot])
+        ids = torch.tensor([tokens], device=self.device)
+        logits = self._forward(ids, plan.positions, torch.tensor(keep, dtype=torch.long, device=self.device))
+        self._choose(choosing, logits)
 
     @torch.inference_mode()
     def remove(self, rows: Sequence[Row]) -> None:
@@ -249,38 +270,20 @@ class BatchDecoder:
             order = self.cache.free(slots)
             self.rows = [self.rows[k] for k in order]
 
-    def _prefix_mask(self, rows: list[Row]) -> torch.Tensor:
-        """[rows, prefix region]: 1 over each row's own prefix, 0 over the rest of the region."""
-        lengths = torch.tensor([0 if r.prefix is None else r.prefix.shape[3] for r in rows])
-        return (torch.arange(self._prefix_length)[None, :] < lengths[:, None]).long()
-
-    def _prefix_rows(self, rows: list[Row]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Each layer's ``[rows, heads, region, dim]`` keys and values: each row's prefix in its first columns
-        (zeros past it, masked). Rows sharing one full-width prefix (one checkpoint served) are one expand."""
-        if self._prefix_like is None:
-            return
-        first = rows[0].prefix
-        shared = first is not None and first.shape[3] == self._prefix_length and all(r.prefix is first for r in rows)
-        for layer in range(self._prefix_like.shape[0]):
-            if shared:
-                yield tuple(part.unsqueeze(0).expand(len(rows), -1, -1, -1).contiguous() for part in first[layer])
-                continue
-            _, heads, _, dim = self._prefix_like[layer].shape
-            like = self._prefix_like
-            keys = like.new_zeros(len(rows), heads, self._prefix_length, dim)
-            values = like.new_zeros(len(rows), heads, self._prefix_length, dim)
-            for k, row in enumerate(rows):
-                if row.prefix is not None:
-                    keys[k, :, : row.prefix.shape[3]] = row.prefix[layer, 0]
-                    values[k, :, : row.prefix.shape[3]] = row.prefix[layer, 1]
-            yield keys, values
-
-    def _forward(self, ids, mask, positions, cache) -> torch.Tensor:
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """The packed step's forward; the logits of the positions ``keep`` ``[kept, vocabulary]``. The attention
+        mask is the cache's (``SlotCache.attend``): the one given only stops transformers from building one."""
+        unused_mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=self.device)
         with self._forward_context():
             out = self.model(
-                input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, logits_to_keep=1
+                input_ids=ids,
+                attention_mask=unused_mask,
+                position_ids=positions,
+                past_key_values=self.cache,
+                logits_to_keep=keep,
+                ptune_attention=self.cache.attend,
             )
-        return out.logits[:, -1, :].to(dtype=torch.float32)
+        return out.logits[0].to(dtype=torch.float32)
 
     def _choose(self, rows: list[Row], logits: torch.Tensor) -> None:
         greedy = logits.argmax(dim=-1).tolist()

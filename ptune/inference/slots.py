@@ -1,16 +1,25 @@
-"""The per-slot KV cache of ``BatchDecoder``: buffers allocated once per layer for a number of rows (slots), so a
-row joins by writing its keys/values into a free slot and leaves by freeing it. transformers' ``DynamicCache``
-instead concatenates every layer's whole cache at every step, and joining or leaving a batch held in one had to
-left-pad and re-index the whole batch's cache.
+"""The per-slot KV cache of ``BatchDecoder``, and the packed steps that fill it: buffers allocated once per layer
+for a number of rows (slots), so a row joins by taking a free slot and leaves by freeing it, and each step's one
+forward carries every decoding row's next token *and* the prompt chunks of rows still being prefilled (prefill
+inside decode steps, as vLLM V1's token budget does; their scheduler design docs describe it). transformers'
+``DynamicCache`` instead concatenates every layer's whole cache at every step, a join had to left-pad and
+re-index the whole batch's cache, and each join cost a forward of its own.
 
 Layout, per layer: ``keys`` and ``values`` are ``[slots, kv_heads, region + length, head_dim]``, slot ``k`` holding
 the batch's row ``k``. Columns ``0 .. region`` hold the row's prefix keys/values (its own prefix in the first
-columns; the rest of the region masked); from ``region`` on, the row's prompt (after the padding of the group it
-joined with) and answer tokens, each new one written at the row's own write column (``end``). ``visible``
-``[slots, region + length]`` marks the columns each row attends to (its prefix and its tokens so far), and
-``position`` is the rotary position of its next token (0 at its first real token), so a row's answer is the one
-it gets alone. The slots in use are always ``0 .. used - 1``: a leaving row's slot receives the last slot's row
-(a copy of that one row), so a step's forward reads views ``[:used, :, :width]`` of the buffers, never a gather.
+columns; the rest of the region masked); from ``region`` on, the row's prompt and answer tokens, in order, with no
+padding. ``visible`` ``[slots, region + length]`` marks the columns each row attends to (its prefix and its tokens
+so far), ``end`` the row's next free column and ``position`` the rotary position of its next token (0 at its
+first prompt token), so a row's answer is the one it gets alone. The slots in use are always ``0 .. used - 1``: a
+leaving row's slot receives the last slot's row (a copy of that one row), so a step reads views, never a gather.
+
+A step (``plan``, then the model's forward): the tokens of all rows are packed into one sequence ``[1, tokens]``
+(the decoding rows' tokens first, then each prefilling row's chunk), so the linear layers see each token once and
+no row is padded to another's length. The model's attention calls ``update`` (every token's key/value scattered to
+its row's slot and column, one indexed write per layer) and then ``attend`` (through ``ptune_sdpa``'s
+``ptune_attention`` hook, ``ptune.model.prefix``): one scaled-dot-product attention of the decoding rows' one query
+each against their slots, and one per prefilling chunk against its slot (its earlier columns plus causal within
+the chunk).
 
 Memory: ``2 x layers x slots x kv_heads x (region + length) x head_dim`` values of the model's dtype, allocated
 when the decoder starts if it is given sizes, else at the first join. ``ptune serve`` sizes ``length`` to the
@@ -19,13 +28,45 @@ of 128, float16: 28 KiB a token) with 16 slots, a 128-position prefix, 512-token
 takes 16 x 2688 x 28 KiB = 1.15 GiB. Without sizes (the evaluator, the chat front ends) it is sized to the first
 join's rows, and grows (one copy of the rows in use) only when a later join needs more slots or columns.
 
-Not a ``transformers.Cache``: the model's attention calls only ``update``, and the decoder passes a ready 4-D mask
-(``step_mask``), which transformers' mask building returns as it is.
+Not a ``transformers.Cache``: the model's attention calls only ``update``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import torch
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A prefilling row's part of a step: ``length`` prompt tokens written from column ``column`` of ``slot``,
+    at ``start`` in the step's packed sequence."""
+
+    slot: int
+    start: int
+    column: int
+    length: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One packed step: ``decoding`` rows' one token each (the sequence's first tokens, in ``decoding_slots``'
+    order), then ``chunks``; ``slot`` and ``column`` ``[tokens]`` say where each token's key/value goes."""
+
+    decoding_slots: torch.Tensor
+    decoding_width: int  # columns the decoding rows attend to: the widest one's, this step's token included
+    contiguous: bool  # the decoding rows are slots 0 .. decoding - 1 (views, no scatter of queries)
+    chunks: tuple[Chunk, ...]
+    slot: torch.Tensor
+    column: torch.Tensor
+    positions: torch.Tensor  # [1, tokens]: each token's rotary position in its row
+
+    @property
+    def decoding(self) -> int:
+        return len(self.decoding_slots)
 
 
 class SlotCache:
@@ -38,58 +79,101 @@ class SlotCache:
         self.values: list[torch.Tensor] = []
         self.visible = self.end = self.position = None
         self.used = 0  # slots 0 .. used - 1 hold rows
-        self.width = region  # columns holding data in some slot in use: every step reads this many plus one
-        self.dense = True  # every row in use attends to all ``width`` columns (no padding, one length)
-        self._columns: torch.Tensor | int | None = None  # during a step: each row's write column (dense: theirs)
+        self._plan: Plan | None = None  # the step under way
 
-    def write(self, prefilled, mask: torch.Tensor, positions: torch.Tensor, new_tokens: int) -> None:
-        """Put a freshly prefilled group of rows in the next free slots: ``prefilled``'s layers hold their keys and
-        values ``[rows, kv_heads, columns, head_dim]`` (prefix region, padded prompts), ``mask`` ``[rows, columns]``
-        what each attends to, ``positions`` ``[rows]`` their next positions; ``new_tokens``, the most any of them
-        will add, sizes the buffers if they must grow."""
-        rows, columns = mask.shape
-        self.reserve(prefilled.layers[0].keys, self.used + rows, columns - self.region + new_tokens)
-        here = slice(self.used, self.used + rows)
-        for layer, source in enumerate(prefilled.layers):
-            self.keys[layer][here, :, :columns] = source.keys
-            self.values[layer][here, :, :columns] = source.values
-        self.visible[here] = False
-        self.visible[here, :columns] = mask.bool()
-        self.end[here], self.position[here] = columns, positions
-        self.dense = (self.used == 0 or (self.dense and self.width == columns)) and bool(mask.all())
-        self.used += rows
-        self.width = max(self.width, columns)
+    def open(self, prefixes: Sequence[torch.Tensor | None], like: torch.Tensor, length: int) -> None:
+        """Take the next free slots for new rows, one per entry of ``prefixes`` (a row's prefix keys/values
+        ``[layers, 2, kv_heads, positions, head_dim]``, or None for the bare base): its prefix is copied into the
+        region's first columns, the rest masked; its prompt comes in the following steps. ``like`` gives the
+        heads' shape and dtype, ``length`` the most tokens any of the rows will hold (prompt and answer)."""
+        self.reserve(like, self.used + len(prefixes), length)
+        for slot, prefix in enumerate(prefixes, start=self.used):
+            self.visible[slot] = False
+            if prefix is not None:
+                width = prefix.shape[3]
+                for layer in range(self.layers):
+                    self.keys[layer][slot, :, :width] = prefix[layer, 0]
+                    self.values[layer][slot, :, :width] = prefix[layer, 1]
+                self.visible[slot, :width] = True
+            self.end[slot], self.position[slot] = self.region, 0
+        self.used += len(prefixes)
 
-    def step_mask(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Before a step's forward: each row's next token goes in at its write column. The step's attention mask
-        ``[used, 1, 1, width]`` (its prefix, its tokens and the new one) and its positions ``[used, 1]``."""
-        used = self.used
-        if self.dense:  # every row writes at column ``width``: a slice, not a scatter
-            self._columns = self.width
-            self.visible[:used, self.width] = True
-        else:
-            self._columns = self.end[:used].clone()
-            self.visible[torch.arange(used, device=self.end.device), self._columns] = True
-        positions = self.position[:used, None].clone()
-        self.end[:used] += 1
-        self.position[:used] += 1
-        self.width += 1
-        return self.visible[:used, None, None, : self.width], positions
+    def plan(self, decoding: Sequence[int], chunks: Sequence[tuple[int, int]]) -> Plan:
+        """Before a step's forward: one token for each slot in ``decoding``, then ``length`` prompt tokens for each
+        ``(slot, length)`` of ``chunks``. Marks the new columns visible and moves each row's end and position on."""
+        end, position, device = self.end, self.position, self.end.device
+        decoding_slots = torch.tensor(list(decoding), dtype=torch.long, device=device)
+        slot = [decoding_slots]
+        column = [end[decoding_slots]]
+        positions = [position[decoding_slots]]
+        placed, start = [], len(decoding)
+        for row, length in chunks:
+            first = int(end[row])
+            placed.append(Chunk(row, start, first, length))
+            slot.append(torch.full((length,), row, dtype=torch.long, device=device))
+            column.append(torch.arange(first, first + length, device=device))
+            positions.append(int(position[row]) + torch.arange(length, device=device))
+            start += length
+        plan = Plan(
+            decoding_slots=decoding_slots,
+            decoding_width=int(end[decoding_slots].max()) + 1 if len(decoding) else 0,
+            contiguous=list(decoding) == list(range(len(decoding))),
+            chunks=tuple(placed),
+            slot=torch.cat(slot),
+            column=torch.cat(column),
+            positions=torch.cat(positions)[None],
+        )
+        self.visible[plan.slot, plan.column] = True
+        counts = torch.bincount(plan.slot, minlength=self.used)[: self.used]
+        end[: self.used] += counts
+        position[: self.used] += counts
+        self._plan = plan
+        return plan
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer: int, *_args, **_kwargs):
-        """The model's attention, once per layer in a step: write the rows' new ``[used, kv_heads, 1, head_dim]``
-        key and value at their write columns and return every row's keys and values so far (views)."""
-        if key.shape[2] != 1 or self._columns is None:
-            raise RuntimeError("SlotCache takes one token per row per step; a prompt is prefilled apart (write)")
-        used, column = self.used, self._columns
-        if isinstance(column, int):
-            self.keys[layer][:used, :, column : column + 1] = key
-            self.values[layer][:used, :, column : column + 1] = value
-        else:
-            rows = torch.arange(used, device=key.device)
-            self.keys[layer][rows, :, column] = key[:, :, 0]
-            self.values[layer][rows, :, column] = value[:, :, 0]
-        return self.keys[layer][: self.used, :, : self.width], self.values[layer][: self.used, :, : self.width]
+        """The model's attention, once per layer in a step: scatter the step's ``[1, kv_heads, tokens, head_dim]``
+        keys and values to their slots and columns; ``attend`` reads them from the buffers returned."""
+        plan = self._plan
+        if plan is None or key.shape[0] != 1 or key.shape[2] != len(plan.slot):
+            raise RuntimeError("SlotCache takes a step's packed tokens ([1, tokens]) as ``plan`` laid them out")
+        self.keys[layer][plan.slot, :, plan.column] = key[0].transpose(0, 1)
+        self.values[layer][plan.slot, :, plan.column] = value[0].transpose(0, 1)
+        return self.keys[layer], self.values[layer]
+
+    def attend(self, module, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, **kwargs):
+        """The step's attention (``ptune_attention`` hook): ``query`` ``[1, heads, tokens, head_dim]`` packed as
+        ``plan`` laid it out, ``keys``/``values`` this layer's buffers. Returns ``[1, tokens, heads, head_dim]``."""
+        plan, used = self._plan, self.used
+        kwargs.pop("is_causal", None)
+        pieces = []
+        if plan.decoding:
+            width = plan.decoding_width
+            asked = query[0, :, : plan.decoding].transpose(0, 1).unsqueeze(2)  # [decoding, heads, 1, head_dim]
+            if plan.contiguous:
+                rows = plan.decoding
+            else:  # a prefilling row sits among them: every slot asks (the others a zero query, dropped after)
+                rows, scattered = used, asked.new_zeros(used, *asked.shape[1:])
+                scattered[plan.decoding_slots] = asked
+                asked = scattered
+            mask = self.visible[:rows, None, None, :width]
+            out, _ = sdpa_attention_forward(
+                module, asked, keys[:rows, :, :width], values[:rows, :, :width], mask, **kwargs
+            )
+            if not plan.contiguous:
+                out = out[plan.decoding_slots]
+            pieces.append(out.reshape(1, plan.decoding, *out.shape[2:]))
+        for chunk in plan.chunks:
+            width = chunk.column + chunk.length
+            earlier = self.visible[chunk.slot, None, : chunk.column].expand(chunk.length, -1)
+            causal = torch.ones(chunk.length, chunk.length, dtype=torch.bool, device=query.device).tril()
+            mask = torch.cat([earlier, causal], dim=1)[None, None]
+            asked = query[:, :, chunk.start : chunk.start + chunk.length]
+            here = slice(chunk.slot, chunk.slot + 1)
+            out, _ = sdpa_attention_forward(
+                module, asked, keys[here, :, :width], values[here, :, :width], mask, **kwargs
+            )
+            pieces.append(out)
+        return torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0], None
 
     def free(self, slots: list[int]) -> list[int]:
         """Free ``slots``; the last slots' rows move into the gaps. Returns, for each slot in use after, the slot
@@ -102,8 +186,6 @@ class SlotCache:
                 order[slot] = order[last]
             order.pop()
             self.used -= 1
-        self.width = int(self.end[: self.used].max()) if self.used else self.region
-        self.dense = bool(self.visible[: self.used, : self.width].all())
         return order
 
     def _move(self, source: int, target: int) -> None:
@@ -134,7 +216,7 @@ class SlotCache:
         self.position = torch.zeros_like(self.end)
         self.slots, self.length = slots, length
         if old[0] and self.used:
-            used, width = self.used, self.width
+            used, width = self.used, int(old[3][: self.used].max())
             for new, was in zip([*self.keys, *self.values], [*old[0], *old[1]], strict=True):
                 new[:used, :, :width] = was[:used, :, :width]
             self.visible[:used, :width] = old[2][:used, :width]

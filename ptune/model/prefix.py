@@ -135,7 +135,12 @@ def _prepend_prefix(
 
 
 def prefix_sdpa_attention(module, query, key, value, attention_mask, **kwargs):
-    """transformers' SDPA attention, with the layer's prefix keys/values in front of the real ones."""
+    """transformers' SDPA attention, with the layer's prefix keys/values in front of the real ones. A caller that
+    lays out its own cache passes its attention as the forward's ``ptune_attention`` keyword (the decoder's packed
+    steps, ``ptune.inference.slots``); it then gets the query and what its cache's ``update`` returned."""
+    attend = kwargs.pop("ptune_attention", None)
+    if attend is not None:
+        return attend(module, query, key, value, **kwargs)
     active: _ActivePrefix | None = getattr(module, "_ptune_prefix", None)
     if active is not None and active.kv is not None:
         key, value, attention_mask = _prepend_prefix(active.kv[module.layer_idx], query, key, value, attention_mask)

@@ -387,6 +387,9 @@ def main(argv: list[str] | None = None) -> int:
     except EngineFailed as err:
         print(f"ptune serve: {err}", file=sys.stderr)
         return err.code
+    except ValueError as err:  # a setting out of range (max_batch_size, max_queue, step_tokens)
+        print(f"ptune serve: {err}", file=sys.stderr)
+        return 2
     try:
         host = str(cfg.host or "127.0.0.1")
         port = DEFAULT_PORT if cfg.port is None else int(cfg.port)

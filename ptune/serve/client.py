@@ -95,6 +95,11 @@ class EngineClient:
             raise ValueError(
                 f"max_batch_size must be >= 1 and max_queue >= 0, got {self.max_batch_size} and {self.max_queue}"
             )
+        if int(cfg.step_tokens) <= self.max_batch_size:
+            raise ValueError(
+                f"step_tokens={cfg.step_tokens} must be larger than max_batch_size={self.max_batch_size}: a step "
+                "takes one token of every decoding row before any prompt's; raise step_tokens"
+            )
         self.folder = Path(tempfile.mkdtemp(prefix="ptune-serve-"))  # mode 0700: only this user reaches the sockets
         (self.folder / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True), encoding="utf-8")
         self._context = zmq.Context()

@@ -75,7 +75,7 @@ def serve(folder: Path, cfg: DictConfig, served: list[Served], watch_parent: boo
         others = [entry.prefix for entry in served if isinstance(entry.prefix, torch.Tensor)]
         # prompts are cut to their model's max_source_length and answers to max_new_tokens_limit: a slot's bound
         row_tokens = max(entry.loaded.max_source_length for entry in served) + int(cfg.max_new_tokens_limit)
-        scheduler = Scheduler(served[0].loaded, int(cfg.max_batch_size), others, row_tokens)
+        scheduler = Scheduler(served[0].loaded, int(cfg.max_batch_size), others, row_tokens, int(cfg.step_tokens))
         names = list(by_name)
         prefixes = [entry.name for entry in served if entry.prefix is not None]  # the bare base carries none
         ready = {"models": names, "prefixes": prefixes, "describe": describe(served[0].loaded), "pid": os.getpid()}

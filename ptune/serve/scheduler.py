@@ -2,11 +2,12 @@
 driven a turn at a time by the engine's busy loop (``ptune.serve.engine``), in one thread, with no HTTP work.
 
 Each turn (``run_once``): waiting requests join the batch while there are free slots (up to ``max_batch_size``;
-they are encoded together and written into free slots of the decoder's per-slot cache), rows whose client left
-or that ended (an end token or their own ``max_new_tokens``) are answered and free their slot, streaming rows get
-their text so far, and every row left gets one new token (``BatchDecoder.step``). So a request that arrives while
-others decode waits one step, not for the whole batch; with ``max_batch_size=1`` requests run one at a time in
-arrival order. A request's generation settings stay its own (greedy and sampled rows share a batch).
+each takes a free slot of the decoder's per-slot cache), rows whose client left or that ended (an end token or
+their own ``max_new_tokens``) are answered and free their slot, streaming rows get their text so far, and one
+forward (``BatchDecoder.step``) gives every decoding row its next token and prefills the joined rows' prompts in
+the same pass (chunked under ``step_tokens``). So a request that arrives while others decode waits one step, not
+for the whole batch, and its prompt costs the batch no forward of its own; with ``max_batch_size=1`` requests run
+one at a time in arrival order. A request's generation settings stay its own (greedy and sampled rows share a batch).
 
 What a turn produced comes back as a list of events (plain dicts, sent as one message): ``text`` (a streaming
 row's answer so far), ``done`` (the answer and its token counts), ``error`` (this request alone failed: its
@@ -54,13 +55,15 @@ class Scheduler:
         max_batch_size: int,
         other_prefixes: Sequence[torch.Tensor] = (),
         row_tokens: int | None = None,
+        step_tokens: int | None = None,
     ) -> None:
         """``row_tokens``: the most tokens a row holds, prompt and answer (the engine: the longest prompt plus
-        max_new_tokens_limit), so that the decoder's cache slots are allocated once at their full size."""
+        max_new_tokens_limit), so that the decoder's cache slots are allocated once at their full size;
+        ``step_tokens``: the most tokens a step's forward takes (``BatchDecoder``)."""
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         self.loaded, self.max_batch_size, self.other_prefixes = loaded, max_batch_size, list(other_prefixes)
-        self.row_tokens = row_tokens
+        self.row_tokens, self.step_tokens = row_tokens, step_tokens
         self.decoder = self._new_decoder()
         self.waiting: collections.deque[Job] = collections.deque()
         self.active: list[Job] = []
@@ -107,7 +110,7 @@ class Scheduler:
         return events
 
     def _new_decoder(self) -> BatchDecoder:
-        return BatchDecoder(self.loaded, self.other_prefixes, self.max_batch_size, self.row_tokens)
+        return BatchDecoder(self.loaded, self.other_prefixes, self.max_batch_size, self.row_tokens, self.step_tokens)
 
     def fail_all(self, err: BaseException) -> list[Event]:
         """Every request waiting or in flight fails with ``err`` (the engine is shutting down)."""
@@ -120,9 +123,9 @@ class Scheduler:
         return self.max_batch_size - len(self.active)
 
     def _admit(self, joining: list[Job], events: list[Event]) -> None:
-        """Encode the joining requests together and add them to the batch. A request whose settings or prompt fail
-        is answered with its error alone; the running rows are not touched (a job joins ``active`` only once its
-        row is in the batch)."""
+        """Give the joining requests slots in the batch (their prompts are prefilled by the next steps). A request
+        whose settings or prompt fail is answered with its error alone; the running rows are not touched (a job
+        joins ``active`` only once its row is in the batch)."""
         ready: list[Job] = []
         for job in joining:
             try:
@@ -136,8 +139,8 @@ class Scheduler:
             return
         try:
             self.decoder.join([job.row for job in ready])
-        except Exception as err:  # the joining rows' own forward: the running batch is as it was
-            logger.exception("encoding %d joining request(s) failed", len(ready))
+        except Exception as err:  # e.g. no memory for more cache slots: the running batch is as it was
+            logger.exception("%d request(s) could not join the batch", len(ready))
             events += [_error(job, err) for job in ready]
             return
         for job in ready:

@@ -102,3 +102,66 @@ def test_an_unsized_cache_grows_when_a_longer_row_joins_a_running_batch(loaded, 
     run_to_end(decoder)
     assert short.ids == alone(loaded, prompts[2], GenerationSettings(max_new_tokens=4))
     assert long.ids == alone(loaded, prompts[1], GREEDY)
+
+
+class Forwards:
+    """The model's forward passes during a block: how many, and each one's tokens (``[1, tokens]`` packed)."""
+
+    def __init__(self, model) -> None:
+        self.tokens: list[int] = []
+        self._hook = model.register_forward_pre_hook(self._seen, with_kwargs=True)
+
+    def _seen(self, _module, _args, kwargs) -> None:
+        self.tokens.append(kwargs["input_ids"].numel())
+
+    def close(self) -> None:
+        self._hook.remove()
+
+
+def test_a_row_joining_a_running_batch_is_prefilled_in_the_batchs_own_step(loaded, prompts):
+    decoder = BatchDecoder(loaded, slots=3, length=64)
+    first, second = decoder.add(prompts[:2], [GREEDY, GREEDY])
+    decoder.step()
+    forwards = Forwards(loaded.model)
+    try:
+        [third] = decoder.join([decoder.new_row(prompts[2], GREEDY)])
+        assert forwards.tokens == [] and third.ids == []  # a slot taken, nothing computed yet
+        decoder.step()
+    finally:
+        forwards.close()
+    # one forward: the two decoding rows' next tokens and the whole joining prompt, packed
+    assert forwards.tokens == [2 + len(prompts[2])]
+    assert (len(first.ids), len(second.ids), len(third.ids)) == (3, 3, 1)
+    run_to_end(decoder)
+    assert [r.ids for r in (first, second, third)] == [alone(loaded, p, GREEDY) for p in prompts[:3]]
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_under_step_tokens_while_the_batch_decodes(loaded, prompts):
+    longer = GenerationSettings(max_new_tokens=30)
+    decoder = BatchDecoder(loaded, slots=3, length=64, step_tokens=10)
+    first, second = decoder.add(prompts[2:4], [longer, longer])  # 2 rows decoding: 8 prompt tokens a step left
+    before = [len(first.ids), len(second.ids)]
+    forwards = Forwards(loaded.model)
+    try:
+        [long] = decoder.join([decoder.new_row(prompts[1], GREEDY)])
+        steps = -(-len(prompts[1]) // 8)
+        assert steps >= 3
+        for _ in range(steps):
+            assert long.ids == [] and not (first.finish or second.finish)
+            decoder.step()
+    finally:
+        forwards.close()
+    assert forwards.tokens == [10] * (steps - 1) + [2 + len(prompts[1]) - 8 * (steps - 1)]
+    # the running rows got a token at every step of the prefill, and the long row its first at the last one
+    assert len(long.ids) == 1 and [len(first.ids), len(second.ids)] == [n + steps for n in before]
+    run_to_end(decoder)
+    expected = [alone(loaded, prompts[2], longer), alone(loaded, prompts[3], longer), alone(loaded, prompts[1], GREEDY)]
+    assert [r.ids for r in (first, second, long)] == expected
+
+
+@pytest.mark.parametrize(("prompt", "message"), [([], "empty prompt"), ([5, 10**6], "outside the vocabulary")])
+def test_a_prompt_that_cannot_be_prefilled_fails_alone_before_it_joins(loaded, prompt, message):
+    decoder = BatchDecoder(loaded)
+    with pytest.raises(ValueError, match=message):
+        decoder.new_row(prompt, GREEDY)
+    assert decoder.rows == []

@@ -2,10 +2,11 @@
 
 One step-wise batched decoder (``BatchDecoder``) does all the decoding: the evaluator fills a batch and runs it
 to the end (``generate_ids``), the chat front ends run one row (``stream_answer``), the API server's scheduler
-lets rows join and leave between steps (``ptune.serve.scheduler``). Rows are left-padded and keep their own
-positions, so a row gets the same tokens batched as alone; the evaluator sorts rows by length so each batch
-carries little padding, results in input order. Greedy by default, so metrics are reproducible; a sampled row
-draws from its own generator seeded with its seed, so its answer does not depend on what it was batched with.
+lets rows join and leave between steps (``ptune.serve.scheduler``). A step packs every row's tokens into one
+sequence (no padding) and each row keeps its own positions, so a row gets the same tokens batched as alone; the
+evaluator takes rows longest prompt first (results in input order). Greedy by default, so metrics are
+reproducible; a sampled row draws from its own generator seeded with its seed, so its answer does not depend on
+what it was batched with.
 
 Why our own loop rather than ``generate``: ``generate`` runs a fixed batch to its end (a row cannot join or
 leave), takes one set of sampling settings for the whole batch, and the prefix would be recomputed and copied in
@@ -143,7 +144,7 @@ class BatchDecoder:
     row, so a row whose settings fail fails alone), ``step`` runs one forward for the whole batch: the next token
     of every decoding row and, packed in the same pass, the prompts (or the next chunks of them, under
     ``step_tokens``) of rows that joined, whose first answer token is chosen when their prompt is in; ``add`` joins
-    and steps until the new rows have their first token; ``remove`` takes rows out (finished, or their client gone)
+    and steps once (whole prompts: their first tokens); ``remove`` takes rows out (finished, or their client gone)
     and frees their slots. A row whose token cannot be chosen (its sampling settings give no distribution) ends with
     ``finish == "error"`` and its ``error``; the others go on. Each row keeps its own positions (0 at its first
     prompt token), so a row's tokens are those it would get alone. With a prefix, its keys/values are computed once
@@ -203,10 +204,13 @@ class BatchDecoder:
             self.cache.reserve(self._like, slots, length)
 
     def add(self, prompts: Sequence[list[int]], settings: Sequence[GenerationSettings]) -> list[Row]:
-        """Add ``prompts`` to the batch and step until each has its first answer token (or has ended)."""
+        """Add ``prompts`` to the batch and step once, which prefills them whole: each has its first answer token
+        (or has ended), and any running row its next one. For a decoder without ``step_tokens`` (the evaluator, the
+        chat front ends); with it, prompts take several steps: ``join``, then ``step``."""
+        if self.step_tokens is not None:
+            raise ValueError("add prefills whole prompts in one step; with step_tokens, join and then step")
         rows = self.join([self.new_row(prompt, s) for prompt, s in zip(prompts, settings, strict=True)])
-        while any(r.prefilled < len(r.prompt) for r in rows):
-            self.step()
+        self.step()
         return rows
 
     def new_row(self, prompt: Sequence[int], settings: GenerationSettings, prefix: torch.Tensor | str = "own") -> Row:
@@ -258,7 +262,9 @@ class BatchDecoder:
                 keep.append(chunk.start + chunk.length - 1)
                 choosing.append(self.rows[chunk.slot])
         ids = torch.tensor([tokens], device=self.device)
-        logits = self._forward(ids, plan.positions, torch.tensor(keep, dtype=torch.long, device=self.device))
+        # every position (0: a slice, no copy) when each token is a decoding row's, else the positions chosen from
+        chosen = 0 if len(keep) == len(tokens) else torch.tensor(keep, dtype=torch.long, device=self.device)
+        logits = self._forward(ids, plan.positions, chosen)
         self._choose(choosing, logits)
 
     @torch.inference_mode()
@@ -270,9 +276,9 @@ class BatchDecoder:
             order = self.cache.free(slots)
             self.rows = [self.rows[k] for k in order]
 
-    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        """The packed step's forward; the logits of the positions ``keep`` ``[kept, vocabulary]``. The attention
-        mask is the cache's (``SlotCache.attend``): the one given only stops transformers from building one."""
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, keep: torch.Tensor | int) -> torch.Tensor:
+        """The packed step's forward; the logits of the positions ``keep`` ``[kept, vocabulary]`` (0: all). The
+        attention mask is the cache's (``SlotCache.attend``): the one given only stops transformers building one."""
         unused_mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=self.device)
         with self._forward_context():
             out = self.model(

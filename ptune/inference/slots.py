@@ -56,6 +56,7 @@ class Plan:
     """One packed step: ``decoding`` rows' one token each (the sequence's first tokens, in ``decoding_slots``'
     order), then ``chunks``; ``slot`` and ``column`` ``[tokens]`` say where each token's key/value goes."""
 
+    decoding: int
     decoding_slots: torch.Tensor
     decoding_width: int  # columns the decoding rows attend to: the widest one's, this step's token included
     contiguous: bool  # the decoding rows are slots 0 .. decoding - 1 (views, no scatter of queries)
@@ -63,10 +64,7 @@ class Plan:
     slot: torch.Tensor
     column: torch.Tensor
     positions: torch.Tensor  # [1, tokens]: each token's rotary position in its row
-
-    @property
-    def decoding(self) -> int:
-        return len(self.decoding_slots)
+    mask: torch.Tensor | None = None  # with no chunks: the decoding rows' [used, 1, 1, width] (once, not per layer)
 
 
 class SlotCache:
@@ -79,6 +77,7 @@ class SlotCache:
         self.values: list[torch.Tensor] = []
         self.visible = self.end = self.position = None
         self.used = 0  # slots 0 .. used - 1 hold rows
+        self._slot_numbers = torch.arange(0)  # 0 .. slots - 1, for the steps in which every row decodes
         self._plan: Plan | None = None  # the step under way
 
     def open(self, prefixes: Sequence[torch.Tensor | None], like: torch.Tensor, length: int) -> None:
@@ -101,32 +100,42 @@ class SlotCache:
     def plan(self, decoding: Sequence[int], chunks: Sequence[tuple[int, int]]) -> Plan:
         """Before a step's forward: one token for each slot in ``decoding``, then ``length`` prompt tokens for each
         ``(slot, length)`` of ``chunks``. Marks the new columns visible and moves each row's end and position on."""
-        end, position, device = self.end, self.position, self.end.device
+        end, position, used = self.end, self.position, self.used
+        if not chunks and len(decoding) == used:  # every row decodes (most steps): slices, a few small ops
+            slot, column, positions = self._slot_numbers[:used], end[:used].clone(), position[:used].clone()
+            width = int(column.max()) + 1
+            self.visible[slot, column] = True
+            mask = self.visible[:used, None, None, :width]
+            plan = Plan(used, slot, width, True, (), slot, column, positions[None], mask)
+            end[:used] += 1
+            position[:used] += 1
+            self._plan = plan
+            return plan
+        device = end.device
         decoding_slots = torch.tensor(list(decoding), dtype=torch.long, device=device)
-        slot = [decoding_slots]
-        column = [end[decoding_slots]]
-        positions = [position[decoding_slots]]
+        slots, columns, positions = [decoding_slots], [end[decoding_slots]], [position[decoding_slots]]
         placed, start = [], len(decoding)
         for row, length in chunks:
             first = int(end[row])
             placed.append(Chunk(row, start, first, length))
-            slot.append(torch.full((length,), row, dtype=torch.long, device=device))
-            column.append(torch.arange(first, first + length, device=device))
+            slots.append(torch.full((length,), row, dtype=torch.long, device=device))
+            columns.append(torch.arange(first, first + length, device=device))
             positions.append(int(position[row]) + torch.arange(length, device=device))
             start += length
         plan = Plan(
+            decoding=len(decoding),
             decoding_slots=decoding_slots,
             decoding_width=int(end[decoding_slots].max()) + 1 if len(decoding) else 0,
             contiguous=list(decoding) == list(range(len(decoding))),
             chunks=tuple(placed),
-            slot=torch.cat(slot),
-            column=torch.cat(column),
+            slot=torch.cat(slots),
+            column=torch.cat(columns),
             positions=torch.cat(positions)[None],
         )
         self.visible[plan.slot, plan.column] = True
-        counts = torch.bincount(plan.slot, minlength=self.used)[: self.used]
-        end[: self.used] += counts
-        position[: self.used] += counts
+        counts = torch.bincount(plan.slot, minlength=used)[:used]
+        end[:used] += counts
+        position[:used] += counts
         self._plan = plan
         return plan
 
@@ -145,6 +154,12 @@ class SlotCache:
         ``plan`` laid it out, ``keys``/``values`` this layer's buffers. Returns ``[1, tokens, heads, head_dim]``."""
         plan, used = self._plan, self.used
         kwargs.pop("is_causal", None)
+        if not plan.chunks:  # every row decodes (most steps): the same attention as one row per batch entry
+            width = plan.decoding_width
+            out, _ = sdpa_attention_forward(
+                module, query.transpose(0, 2), keys[:used, :, :width], values[:used, :, :width], plan.mask, **kwargs
+            )
+            return out.view(1, used, *out.shape[2:]), None  # [used, 1, heads, dim] as [1, used, heads, dim]
         pieces = []
         if plan.decoding:
             width = plan.decoding_width
@@ -214,6 +229,7 @@ class SlotCache:
         self.visible = torch.zeros(slots, self.region + length, dtype=torch.bool, device=like.device)
         self.end = torch.zeros(slots, dtype=torch.long, device=like.device)
         self.position = torch.zeros_like(self.end)
+        self._slot_numbers = torch.arange(slots, device=like.device)
         self.slots, self.length = slots, length
         if old[0] and self.used:
             used, width = self.used, int(old[3][: self.used].max())

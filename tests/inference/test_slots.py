@@ -139,7 +139,9 @@ def test_a_row_joining_a_running_batch_is_prefilled_in_the_batchs_own_step(loade
 def test_a_long_prompt_is_prefilled_in_chunks_under_step_tokens_while_the_batch_decodes(loaded, prompts):
     longer = GenerationSettings(max_new_tokens=30)
     decoder = BatchDecoder(loaded, slots=3, length=64, step_tokens=10)
-    first, second = decoder.add(prompts[2:4], [longer, longer])  # 2 rows decoding: 8 prompt tokens a step left
+    first, second = decoder.join([decoder.new_row(p, longer) for p in prompts[2:4]])
+    while not (first.ids and second.ids):  # their own prompts in chunks too; then 8 prompt tokens a step left
+        decoder.step()
     before = [len(first.ids), len(second.ids)]
     forwards = Forwards(loaded.model)
     try:

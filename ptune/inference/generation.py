@@ -261,10 +261,14 @@ class BatchDecoder:
             if self.rows[chunk.slot].prefilled == len(self.rows[chunk.slot].prompt):
                 keep.append(chunk.start + chunk.length - 1)
                 choosing.append(self.rows[chunk.slot])
-        ids = torch.tensor([tokens], device=self.device)
-        # every position (0: a slice, no copy) when each token is a decoding row's, else the positions chosen from
-        chosen = 0 if len(keep) == len(tokens) else torch.tensor(keep, dtype=torch.long, device=self.device)
-        logits = self._forward(ids, plan.positions, chosen)
+        if plan.chunks:  # packed: [1, tokens], the cache's own attention
+            chosen = torch.tensor(keep, dtype=torch.long, device=self.device)
+            ids = torch.tensor([tokens], device=self.device)
+            unused_mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=self.device)  # stops transformers making one
+            logits = self._forward(ids, unused_mask, plan.positions, chosen, ptune_attention=self.cache.attend)[0]
+        else:  # every row decodes: a plain batch, one token a row
+            ids = torch.tensor(tokens, device=self.device)[:, None]
+            logits = self._forward(ids, plan.mask, plan.positions, 1)[:, -1]
         self._choose(choosing, logits)
 
     @torch.inference_mode()
@@ -276,20 +280,18 @@ class BatchDecoder:
             order = self.cache.free(slots)
             self.rows = [self.rows[k] for k in order]
 
-    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, keep: torch.Tensor | int) -> torch.Tensor:
-        """The packed step's forward; the logits of the positions ``keep`` ``[kept, vocabulary]`` (0: all). The
-        attention mask is the cache's (``SlotCache.attend``): the one given only stops transformers building one."""
-        unused_mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=self.device)
+    def _forward(self, ids, mask, positions, keep: torch.Tensor | int, **attention) -> torch.Tensor:
+        """A step's forward over the cache: the float32 logits of the positions ``keep``."""
         with self._forward_context():
             out = self.model(
                 input_ids=ids,
-                attention_mask=unused_mask,
+                attention_mask=mask,
                 position_ids=positions,
                 past_key_values=self.cache,
                 logits_to_keep=keep,
-                ptune_attention=self.cache.attend,
+                **attention,
             )
-        return out.logits[0].to(dtype=torch.float32)
+        return out.logits.to(dtype=torch.float32)
 
     def _choose(self, rows: list[Row], logits: torch.Tensor) -> None:
         greedy = logits.argmax(dim=-1).tolist()

@@ -13,13 +13,15 @@ so far), ``end`` the row's next free column and ``position`` the rotary position
 first prompt token), so a row's answer is the one it gets alone. The slots in use are always ``0 .. used - 1``: a
 leaving row's slot receives the last slot's row (a copy of that one row), so a step reads views, never a gather.
 
-A step (``plan``, then the model's forward): the tokens of all rows are packed into one sequence ``[1, tokens]``
-(the decoding rows' tokens first, then each prefilling row's chunk), so the linear layers see each token once and
-no row is padded to another's length. The model's attention calls ``update`` (every token's key/value scattered to
-its row's slot and column, one indexed write per layer) and then ``attend`` (through ``ptune_sdpa``'s
-``ptune_attention`` hook, ``ptune.model.prefix``): one scaled-dot-product attention of the decoding rows' one query
-each against their slots, and one per prefilling chunk against its slot (its earlier columns plus causal within
-the chunk).
+A step (``plan``, then the model's forward) in which some rows are prefilling is packed: the tokens of all rows
+go into one sequence ``[1, tokens]`` (the decoding rows' tokens first, then each prefilling row's chunk), so the
+linear layers see each token once and no row is padded to another's length. The model's attention calls
+``update`` (every token's key/value scattered to its row's slot and column, one indexed write per layer) and then
+``attend`` (through ``ptune_sdpa``'s ``ptune_attention`` hook, ``ptune.model.prefix``): one scaled-dot-product
+attention of the decoding rows' one query each against their slots, and one per prefilling chunk against its slot
+(its earlier columns plus causal within the chunk). A step in which every row decodes (most steps) is a plain
+batch ``[used, 1]`` instead, with the model's own attention over views of the slots and ``plan.mask``: on the
+built-in model the packed layout's extra indexing cost ~10% of such a step.
 
 Memory: ``2 x layers x slots x kv_heads x (region + length) x head_dim`` values of the model's dtype, allocated
 when the decoder starts if it is given sizes, else at the first join. ``ptune serve`` sizes ``length`` to the
@@ -62,9 +64,9 @@ class Plan:
     contiguous: bool  # the decoding rows are slots 0 .. decoding - 1 (views, no scatter of queries)
     chunks: tuple[Chunk, ...]
     slot: torch.Tensor
-    column: torch.Tensor
-    positions: torch.Tensor  # [1, tokens]: each token's rotary position in its row
-    mask: torch.Tensor | None = None  # with no chunks: the decoding rows' [used, 1, 1, width] (once, not per layer)
+    column: torch.Tensor | int  # int: one row decoding, at that column
+    positions: torch.Tensor  # each token's rotary position in its row: [1, tokens]; [used, 1] with no chunks
+    mask: torch.Tensor | None = None  # with no chunks: the rows' attention mask [used, 1, 1, width]
 
 
 class SlotCache:
@@ -101,12 +103,18 @@ class SlotCache:
         """Before a step's forward: one token for each slot in ``decoding``, then ``length`` prompt tokens for each
         ``(slot, length)`` of ``chunks``. Marks the new columns visible and moves each row's end and position on."""
         end, position, used = self.end, self.position, self.used
-        if not chunks and len(decoding) == used:  # every row decodes (most steps): slices, a few small ops
-            slot, column, positions = self._slot_numbers[:used], end[:used].clone(), position[:used].clone()
-            width = int(column.max()) + 1
-            self.visible[slot, column] = True
+        if not chunks and len(decoding) == used:  # every row decodes (most steps): a plain batch, see ``update``
+            slot, positions = self._slot_numbers[:used], position[:used, None].clone()
+            if used == 1:  # one row (the chat front ends, one request at a time): slices, no indexed writes
+                column = int(end[0])
+                width = column + 1
+                self.visible[0, column] = True
+            else:
+                column = end[:used].clone()
+                width = int(column.max()) + 1
+                self.visible[slot, column] = True
             mask = self.visible[:used, None, None, :width]
-            plan = Plan(used, slot, width, True, (), slot, column, positions[None], mask)
+            plan = Plan(used, slot, width, True, (), slot, column, positions, mask)
             end[:used] += 1
             position[:used] += 1
             self._plan = plan
@@ -140,26 +148,33 @@ class SlotCache:
         return plan
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer: int, *_args, **_kwargs):
-        """The model's attention, once per layer in a step: scatter the step's ``[1, kv_heads, tokens, head_dim]``
-        keys and values to their slots and columns; ``attend`` reads them from the buffers returned."""
+        """The model's attention, once per layer in a step. A packed step's ``[1, kv_heads, tokens, head_dim]``
+        keys and values are scattered to their slots and columns, and ``attend`` reads them from the buffers
+        returned. A step with no prompt chunk is a plain batch, one row per slot (``[used, kv_heads, 1,
+        head_dim]``): each row's key/value is written at its column and every row's keys and values so far are
+        returned (views) for the model's own attention with ``plan.mask``."""
         plan = self._plan
-        if plan is None or key.shape[0] != 1 or key.shape[2] != len(plan.slot):
-            raise RuntimeError("SlotCache takes a step's packed tokens ([1, tokens]) as ``plan`` laid them out")
-        self.keys[layer][plan.slot, :, plan.column] = key[0].transpose(0, 1)
-        self.values[layer][plan.slot, :, plan.column] = value[0].transpose(0, 1)
-        return self.keys[layer], self.values[layer]
+        if plan is None or key.shape[2 if plan.chunks else 0] != len(plan.slot):
+            raise RuntimeError("SlotCache takes a step's tokens as ``plan`` laid them out")
+        keys, values = self.keys[layer], self.values[layer]
+        if plan.chunks:
+            keys[plan.slot, :, plan.column] = key[0].transpose(0, 1)
+            values[plan.slot, :, plan.column] = value[0].transpose(0, 1)
+            return keys, values
+        if isinstance(plan.column, int):
+            keys[:1, :, plan.column : plan.column + 1] = key
+            values[:1, :, plan.column : plan.column + 1] = value
+        else:
+            keys[plan.slot, :, plan.column] = key[:, :, 0]
+            values[plan.slot, :, plan.column] = value[:, :, 0]
+        width = plan.decoding_width
+        return keys[: self.used, :, :width], values[: self.used, :, :width]
 
     def attend(self, module, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, **kwargs):
         """The step's attention (``ptune_attention`` hook): ``query`` ``[1, heads, tokens, head_dim]`` packed as
         ``plan`` laid it out, ``keys``/``values`` this layer's buffers. Returns ``[1, tokens, heads, head_dim]``."""
         plan, used = self._plan, self.used
         kwargs.pop("is_causal", None)
-        if not plan.chunks:  # every row decodes (most steps): the same attention as one row per batch entry
-            width = plan.decoding_width
-            out, _ = sdpa_attention_forward(
-                module, query.transpose(0, 2), keys[:used, :, :width], values[:used, :, :width], plan.mask, **kwargs
-            )
-            return out.view(1, used, *out.shape[2:]), None  # [used, 1, heads, dim] as [1, used, heads, dim]
         pieces = []
         if plan.decoding:
             width = plan.decoding_width

@@ -790,19 +790,19 @@ def test_a_killed_engine_gives_in_flight_clients_503_health_says_so_and_the_serv
         with ThreadPoolExecutor(6) as pool:
             plains = [pool.submit(plain, p) for p in PROMPTS[:3]]
             streams = [pool.submit(streamed, p) for p in PROMPTS[3:6]]
-            # killed once all six are in flight (queued or decoding), not once all six decode: a row that joined
-            # first may meet an end token (its numbers shift a little with the batch it shares) while it waits
-            deadline, seen = time.monotonic() + 60, {}
-            while seen.get("queue", 0) + seen.get("batch", 0) < 6 and time.monotonic() < deadline:
+            # killed once all six have reached the server: in flight there (queued or decoding) or already
+            # answered (a greedy answer is 30-160 tokens; under load the first can end before the last arrives)
+            deadline, arrived = time.monotonic() + 60, 0
+            while arrived < 6 and time.monotonic() < deadline:
                 time.sleep(0.01)
                 seen = httpx.get(f"{url}/health").json()
+                arrived = seen["queue"] + seen["batch"] + sum(f.done() for f in [*plains, *streams])
             os.kill(engine_pid, 9)
             responses = [f.result(timeout=60) for f in plains]
             events = [f.result(timeout=60) for f in streams]
             health = httpx.get(f"{url}/health")
-        # a request in flight at the kill gets the clear error; one whose row met its end token just before it
-        # (greedy answers of 30-160 tokens; the first to join had the most steps) has its whole answer: nobody
-        # hangs or gets a cut answer, and the last to join were certainly decoding
+        # a request in flight at the kill gets the clear error, one answered before it its whole answer: nobody
+        # hangs or gets a cut answer; the last to arrive was decoding (tens of steps from its end)
         failed = 0
         for response in responses:
             if response.status_code == 200:
@@ -820,7 +820,7 @@ def test_a_killed_engine_gives_in_flight_clients_503_health_says_so_and_the_serv
                 continue
             assert last["error"]["code"] == "engine_dead" and "engine process" in last["error"]["message"], lines[-3:]
             failed += 1
-        assert failed >= 2
+        assert failed >= 1
         assert health.status_code == 503 and health.json()["status"] == "engine_dead"
         assert "exited with status -9" in health.json()["engine"]
         refused = httpx.post(f"{url}/", json={"prompt": PROMPTS[0]}, timeout=30)

@@ -3,7 +3,7 @@ trees compared side by side (issue 21, item 3: prefill inside decode steps; "mea
 the running rows' tokens wait for the joiners' prefill, and that wait is what the turn's excess over a plain step shows.
 
 Usage: ``.venv/bin/python benchmarks/join_cost.py --tree base=../base --tree ours=. [--rounds 4] [--wide]
-[--checkpoint PATH] [--batch 15] [--joiners 1 4] [--threads 1]``
+[--checkpoint PATH] [--batch 15] [--joiners 1 4] [--threads 1]`` (on a 2-core VM: ~45 s, with ``--wide`` ~5 min)
 
 Each round runs, per tree in turn, a fresh process of this script with ``PYTHONPATH`` and the working folder set to the
 tree, so that it imports that tree's ``ptune``. It uses ``BatchDecoder``'s public API only (``new_row``, ``join``,

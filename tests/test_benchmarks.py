@@ -1,6 +1,6 @@
 """Benchmark scripts run end to end on CPU with tiny settings, so they cannot rot: the prepared GPU check, the
-serve benchmark's in-process scheduler runs, wide model and table numbers, and the prefix-start comparison;
-settings a benchmark cannot measure are refused by name."""
+serve benchmark's in-process scheduler runs, wide model and table numbers, the prefix-start comparison, and the
+join-cost comparison of source trees; settings a benchmark cannot measure are refused by name."""
 
 from __future__ import annotations
 
@@ -47,6 +47,18 @@ def test_serve_throughput_drives_the_scheduler_alone_in_each_mode(tmp_path):
         done = subprocess.run([*command, "--max-tokens", "8"], cwd=REPO, capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr[-2000:]
         assert float(done.stdout.strip().splitlines()[-1]) > 0  # generated tokens/s
+
+
+def test_join_cost_times_turns_in_a_worker_of_the_tree(tmp_path):
+    train(compose_train(*FAST, "max_steps=2", "save_steps=2", cache_dir=tmp_path / "cache"), str(tmp_path / "run"))
+    command = [sys.executable, "benchmarks/join_cost.py", "--tree", f"here={REPO}", "--rounds", "1", "--turns", "3"]
+    command += ["--checkpoint", str(tmp_path / "run" / "checkpoint-2"), "--batch", "3", "--joiners", "1", "2"]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line.split(" | ") for line in done.stdout.splitlines() if line.startswith("| here |")]
+    assert [row[1] for row in rows] == ["1", "2"]  # one row per joiner count, each with its numbers
+    for row in rows:
+        assert all(float(cell) >= 0 for cell in row[2:5]) and row[5] == "1.00x"  # the first tree is the baseline
 
 
 def test_prefix_init_compares_the_three_starts_on_the_default(tmp_path, capsys):

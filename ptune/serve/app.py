@@ -39,7 +39,8 @@ Choices:
   a supervisor (systemd ``Restart=``, Kubernetes) restarts the whole server with backoff and sees the failure.
 
 Concurrency: the engine decodes the requests in flight together, up to ``max_batch_size``, a new one joining at
-the next step; each gets its own settings and its own tokens. More than ``max_queue`` requests waiting for a slot
+the next step (its prompt prefilled inside that step's forward, in chunks of at most ``step_tokens`` tokens a
+step); each gets its own settings and its own tokens. More than ``max_queue`` requests waiting for a slot
 get a 503 with ``Retry-After``. The event loop only waits for results, so it keeps answering (``/v1/models``,
 ``/health``, validation errors) while answers are generated. A streaming request's text reaches the event loop
 through an ``asyncio.Queue``. When a client disconnects (streaming: its response stops; otherwise checked every

@@ -16,7 +16,7 @@ from omegaconf import DictConfig  # noqa: E402
 from transformers import AutoTokenizer, GlmConfig, GlmForCausalLM, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import ptune.training.hydra_setup  # noqa: E402,F401  (registers the config resolvers)
-from ptune.inference.generation import TextSoFar  # noqa: E402
+from ptune.inference.streaming import TextSoFar  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_GLM = REPO / "models" / "tiny-glm"

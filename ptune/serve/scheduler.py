@@ -24,8 +24,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from ptune.inference.generation import BatchDecoder, Row, TextSoFar, decode
+from ptune.inference.generation import BatchDecoder, Row, decode
 from ptune.inference.loading import LoadedModel
+from ptune.inference.streaming import TextSoFar
 
 logger = logging.getLogger(__name__)
 Event = dict

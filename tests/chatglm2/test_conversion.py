@@ -438,7 +438,8 @@ def test_answers_decode_without_the_clean_up_transformers_ignores(tmp_path):
     model, _ = sentencepiece_model(tmp_path)
     script = (
         "from ptune.chatglm2.tokenizer import build_chatglm2_tokenizer\n"
-        "from ptune.inference.generation import TextSoFar, decode\n"
+        "from ptune.inference.generation import decode\n"
+        "from ptune.inference.streaming import TextSoFar\n"
         f"tok = build_chatglm2_tokenizer({str(model)!r})\n"
         "ids = tok('这款裙子 , 很好看 !', add_special_tokens=False)['input_ids']\n"
         "text = TextSoFar(tok, list(ids)).update()\n"

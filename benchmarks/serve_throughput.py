@@ -12,8 +12,9 @@ turn: every client sends requests back to back (half of them streaming with usag
 level in all (256 by default, at least two per client), greedy, ``--max-tokens`` new tokens at most. Reported per
 level and mode, medians over rounds: requests/s, generated tokens/s, p50/p95 latency, p50 time to first token (the
 first streamed piece; a whole answer for non-streaming requests), and each as a ratio to one-at-a-time at the same
-client count. Each server first answers every prompt once, one at a time (a warm-up, untimed); every later answer
-must equal that one (checked).
+client count, and the CPU each process used (the server's HTTP process, its engine, this benchmark's clients; Linux
+only) as a share of one core. Each server first answers every prompt once, one at a time (a warm-up, untimed);
+every later answer must equal that one (checked).
 
 ``--prefixes N`` adds a mixed load: the checkpoint served N times over (``checkpoint=A,A,...``, each its own prefix
 tensor, so rows carry different prefixes and take the mixed-batch path) plus the bare base, requests cycling
@@ -47,6 +48,8 @@ REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
 TINY = REPO / "models" / "tiny-glm"
 #: ChatGLM2-6B's proportions (head size 128, 2 key/value groups, MLP 3.34x hidden) at a quarter of its width
+#: the processes whose CPU use each level reports: the server's HTTP process, its engine, this benchmark's clients
+CPU = ("HTTP process", "engine", "clients")
 WIDE = {"hidden_size": 1024, "num_attention_heads": 8, "head_dim": 128, "intermediate_size": 3424}
 
 
@@ -178,6 +181,12 @@ async def drive(
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(clients)))
         return time.perf_counter() - start, results
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU seconds process ``pid`` has used so far (Linux's /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -313,13 +322,16 @@ def main() -> None:
                 for r in alone:
                     if answers.setdefault(r["prompt"], r["text"]) != r["text"]:
                         raise AssertionError(f"{mode}: the answer asked alone differs for {r['prompt']!r}")
+                pids = (proc.pid, httpx.get(f"{url}/health").json()["engine_pid"], os.getpid())
                 for clients in args.clients:
                     requests = max(args.requests, 2 * clients)
+                    before = [cpu_seconds(pid) for pid in pids]
                     wall, results = asyncio.run(drive(url, prompts, clients, requests, served))
+                    cpu = {key: (cpu_seconds(pid) - b) / wall for key, pid, b in zip(CPU, pids, before, strict=True)}
                     for r in results:  # greedy: every answer equals the first one seen for its prompt
                         if answers.setdefault(r["prompt"], r["text"]) != r["text"]:
                             raise AssertionError(f"{mode}, {clients} clients: answer differs for {r['prompt']!r}")
-                    measured.setdefault((mode, clients), []).append(summarise(wall, results))
+                    measured.setdefault((mode, clients), []).append(summarise(wall, results) | cpu)
             finally:
                 proc.terminate()
                 proc.wait(30)
@@ -340,6 +352,13 @@ def main() -> None:
             med = {k: statistics.median(m[k] for m in measured[(mode, clients)]) for k in keys}
             cells = [cell(med[k], base[k]) for k in keys]
             print(f"| {clients} | {mode} | " + " | ".join(cells) + " |")
+    print(f"\nCPU used while each level ran, as a share of one core (medians; the machine has {os.cpu_count()}):\n")
+    print("| clients | mode | " + " | ".join(CPU) + " |")
+    print("|---|---|" + "---|" * len(CPU))
+    for clients in args.clients:
+        for mode in modes:
+            shares = [statistics.median(m[k] for m in measured[(mode, clients)]) for k in CPU]
+            print(f"| {clients} | {mode} | " + " | ".join(f"{share:.0%}" for share in shares) + " |")
     if args.scheduler_clients:
         scheduler_table(args, checkpoint)
 

@@ -26,7 +26,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
-from ptune.data.reading import file_problem
+from ptune.data.reading import file_problem, split_path
 from ptune.utils.paths import REPO_ROOT, check_model_dir
 
 logger = logging.getLogger(__name__)
@@ -218,7 +218,7 @@ def check_train_paths(cfg: DictConfig) -> None:
     (the composed-config tests)."""
     check_model_dir(cfg.model.path)
     for split in (cfg.dataset.train_file, cfg.dataset.validation_file):
-        if (problem := file_problem(Path(cfg.dataset.dir).expanduser() / split)) is not None:
+        if (problem := file_problem(split_path(cfg.dataset.dir, split))) is not None:
             raise problem
 
 

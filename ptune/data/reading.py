@@ -133,6 +133,12 @@ def _all_problems(path: str | os.PathLike, problems: list[str]) -> str:
 # ---------------------------------------------------------------------------------------------------------
 
 
+def split_path(dataset_dir: str | os.PathLike, file_name: str) -> Path:
+    """A split's file: ``dataset.dir`` (``~`` expanded) joined with ``dataset.train_file`` or
+    ``dataset.validation_file``; the trainer, the evaluator and train.py's pre-check all find it so."""
+    return Path(dataset_dir).expanduser() / file_name
+
+
 def file_problem(path: str | os.PathLike) -> DataError | None:
     """What is wrong with a split's path before it is read (None: it is a file); train.py checks both splits
     with it before torch loads, so a wrong ``dataset.dir`` is refused at once."""

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from ptune.checkpoints.format import META_FILE, PREFIX_FILE, STAGING_DIR, atomic_write_bytes, read_metadata
 from ptune.checkpoints.integrity import CorruptCheckpointError, check_file
 from ptune.data.features import file_sha256
-from ptune.data.reading import DataError, Example, read_examples
+from ptune.data.reading import DataError, Example, read_examples, split_path
 from ptune.evaluation.metrics import METRIC_NAMES, compute_metrics
 from ptune.evaluation.report import generation_label, rounded, run_params, write_report
 from ptune.inference.generation import GenerationSettings, decode, encode_prompt, generate_ids, reference_label
@@ -101,7 +101,7 @@ class EvalSet:
 def load_eval_set(dataset_cfg: dict[str, Any], max_samples: int | None) -> EvalSet:
     if not dataset_cfg.get("dir"):
         raise ValueError("the checkpoint records no evaluation data; name it: dataset=advertisegen dataset.dir=...")
-    path = Path(dataset_cfg["dir"]).expanduser() / dataset_cfg["validation_file"]
+    path = split_path(dataset_cfg["dir"], dataset_cfg["validation_file"])
     read = read_examples(
         path,
         prompt_column=dataset_cfg["prompt_column"],

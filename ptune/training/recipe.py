@@ -19,7 +19,7 @@ from ptune.checkpoints.state_io import read_trainer_state
 from ptune.data.features import make_collator, tokenize_file
 from ptune.data.packing import PackingCollator
 from ptune.data.prompts import PromptFormat
-from ptune.data.reading import read_examples
+from ptune.data.reading import read_examples, split_path
 from ptune.model.base import load_base_model, load_tokenizer
 from ptune.model.prefix import PrefixEncoder, PrefixShape, PrefixTunedModel
 from ptune.model.prefix_init import initialise_prefix
@@ -37,7 +37,7 @@ def load_split(
     dataset_cfg: DictConfig, split_file: str, tokenizer: PreTrainedTokenizerBase, prompt_format: PromptFormat
 ) -> datasets.Dataset:
     """Read one split (``dataset.train_file`` or ``dataset.validation_file``) and tokenise it (cached)."""
-    path = Path(dataset_cfg.dir).expanduser() / split_file
+    path = split_path(dataset_cfg.dir, split_file)
     read = read_examples(
         path,
         prompt_column=dataset_cfg.prompt_column,

@@ -16,6 +16,7 @@ front of the cache on every step. The token choice itself uses transformers' log
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -244,18 +245,18 @@ class BatchDecoder:
         if any(r.finish for r in self.rows):
             raise ValueError("remove finished rows before the next step")
         decoding = [k for k, r in enumerate(self.rows) if r.prefilled == len(r.prompt)]
-        budget = None if self.step_tokens is None else max(self.step_tokens - len(decoding), 1)
+        budget = math.inf if self.step_tokens is None else max(self.step_tokens - len(decoding), 1)  # prompt tokens
         chunks, choosing = [], [self.rows[k] for k in decoding]
         tokens = [self.rows[k].ids[-1] for k in decoding]
         for k, row in enumerate(self.rows):
             left = len(row.prompt) - row.prefilled
-            if not left or budget == 0:
+            if not left or not budget:
                 continue
-            length = left if budget is None else min(left, budget)
+            length = min(left, budget)
             chunks.append((k, length))
             tokens += row.prompt[row.prefilled : row.prefilled + length]
             row.prefilled += length
-            budget = None if budget is None else budget - length
+            budget -= length
         plan = self.cache.plan(decoding, chunks)
         keep = list(range(len(decoding)))  # the positions whose next token is chosen
         for chunk in plan.chunks:

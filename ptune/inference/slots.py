@@ -9,8 +9,8 @@ Layout, per layer: ``keys`` and ``values`` are ``[slots, kv_heads, region + leng
 the batch's row ``k``. Columns ``0 .. region`` hold the row's prefix keys/values (its own prefix in the first
 columns; the rest of the region masked); from ``region`` on, the row's prompt and answer tokens, in order, with no
 padding. ``visible`` ``[slots, region + length]`` marks the columns each row attends to (its prefix and its tokens
-so far), ``end`` the row's next free column and ``position`` the rotary position of its next token (0 at its
-first prompt token), so a row's answer is the one it gets alone. The slots in use are always ``0 .. used - 1``: a
+so far) and ``end`` the row's next free column; the rotary position of its next token is ``end - region`` (0 at
+its first prompt token), so a row's answer is the one it gets alone. The slots in use are always ``0 .. used - 1``: a
 leaving row's slot receives the last slot's row (a copy of that one row), so a step reads views, never a gather.
 
 A step (``plan``, then the model's forward) in which some rows are prefilling is packed: the tokens of all rows
@@ -45,12 +45,14 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 @dataclass(frozen=True)
 class Chunk:
     """A prefilling row's part of a step: ``length`` prompt tokens written from column ``column`` of ``slot``,
-    at ``start`` in the step's packed sequence."""
+    at ``start`` in the step's packed sequence; ``mask`` ``[1, 1, length, column + length]``: the row's visible
+    columns before the chunk, causal within it (built once a step, not in every layer)."""
 
     slot: int
     start: int
     column: int
     length: int
+    mask: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -77,7 +79,7 @@ class SlotCache:
         self.slots, self.length = slots or 0, length or 0  # what to allocate at the first write
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
-        self.visible = self.end = self.position = None
+        self.visible = self.end = None
         self.used = 0  # slots 0 .. used - 1 hold rows
         self._slot_numbers = torch.arange(0)  # 0 .. slots - 1, for the steps in which every row decodes
         self._plan: Plan | None = None  # the step under way
@@ -96,15 +98,15 @@ class SlotCache:
                     self.keys[layer][slot, :, :width] = prefix[layer, 0]
                     self.values[layer][slot, :, :width] = prefix[layer, 1]
                 self.visible[slot, :width] = True
-            self.end[slot], self.position[slot] = self.region, 0
+            self.end[slot] = self.region
         self.used += len(prefixes)
 
     def plan(self, decoding: Sequence[int], chunks: Sequence[tuple[int, int]]) -> Plan:
         """Before a step's forward: one token for each slot in ``decoding``, then ``length`` prompt tokens for each
-        ``(slot, length)`` of ``chunks``. Marks the new columns visible and moves each row's end and position on."""
-        end, position, used = self.end, self.position, self.used
+        ``(slot, length)`` of ``chunks``. Marks the new columns visible and moves each row's end on."""
+        end, used = self.end, self.used
         if not chunks and len(decoding) == used:  # every row decodes (most steps): a plain batch, see ``update``
-            slot, positions = self._slot_numbers[:used], position[:used, None].clone()
+            slot, positions = self._slot_numbers[:used], end[:used, None] - self.region
             if used == 1:  # one row (the chat front ends, one request at a time): slices, no indexed writes
                 column = int(end[0])
                 width = column + 1
@@ -116,20 +118,21 @@ class SlotCache:
             mask = self.visible[:used, None, None, :width]
             plan = Plan(used, slot, width, True, (), slot, column, positions, mask)
             end[:used] += 1
-            position[:used] += 1
             self._plan = plan
             return plan
         device = end.device
         decoding_slots = torch.tensor(list(decoding), dtype=torch.long, device=device)
-        slots, columns, positions = [decoding_slots], [end[decoding_slots]], [position[decoding_slots]]
+        slots, columns = [decoding_slots], [end[decoding_slots]]
         placed, start = [], len(decoding)
         for row, length in chunks:
             first = int(end[row])
-            placed.append(Chunk(row, start, first, length))
+            earlier = self.visible[row, None, :first].expand(length, -1)
+            causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()
+            placed.append(Chunk(row, start, first, length, torch.cat([earlier, causal], dim=1)[None, None]))
             slots.append(torch.full((length,), row, dtype=torch.long, device=device))
             columns.append(torch.arange(first, first + length, device=device))
-            positions.append(int(position[row]) + torch.arange(length, device=device))
             start += length
+        column = torch.cat(columns)
         plan = Plan(
             decoding=len(decoding),
             decoding_slots=decoding_slots,
@@ -137,13 +140,11 @@ class SlotCache:
             contiguous=list(decoding) == list(range(len(decoding))),
             chunks=tuple(placed),
             slot=torch.cat(slots),
-            column=torch.cat(columns),
-            positions=torch.cat(positions)[None],
+            column=column,
+            positions=(column - self.region)[None],
         )
         self.visible[plan.slot, plan.column] = True
-        counts = torch.bincount(plan.slot, minlength=used)[:used]
-        end[:used] += counts
-        position[:used] += counts
+        end[:used] += torch.bincount(plan.slot, minlength=used)[:used]
         self._plan = plan
         return plan
 
@@ -194,13 +195,10 @@ class SlotCache:
             pieces.append(out.reshape(1, plan.decoding, *out.shape[2:]))
         for chunk in plan.chunks:
             width = chunk.column + chunk.length
-            earlier = self.visible[chunk.slot, None, : chunk.column].expand(chunk.length, -1)
-            causal = torch.ones(chunk.length, chunk.length, dtype=torch.bool, device=query.device).tril()
-            mask = torch.cat([earlier, causal], dim=1)[None, None]
             asked = query[:, :, chunk.start : chunk.start + chunk.length]
             here = slice(chunk.slot, chunk.slot + 1)
             out, _ = sdpa_attention_forward(
-                module, asked, keys[here, :, :width], values[here, :, :width], mask, **kwargs
+                module, asked, keys[here, :, :width], values[here, :, :width], chunk.mask, **kwargs
             )
             pieces.append(out)
         return torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0], None
@@ -224,7 +222,7 @@ class SlotCache:
             keys[target, :, :width] = keys[source, :, :width]
             values[target, :, :width] = values[source, :, :width]
         self.visible[target] = self.visible[source]
-        self.end[target], self.position[target] = self.end[source], self.position[source]
+        self.end[target] = self.end[source]
 
     def reserve(self, like: torch.Tensor, slots: int, length: int) -> None:
         """Buffers for at least ``slots`` rows of ``length`` tokens after the region, shaped and typed as ``like``'s
@@ -237,13 +235,12 @@ class SlotCache:
             return
         slots, length = max(slots, self.slots), max(length, self.length)
         _, heads, _, dim = like.shape
-        old = (self.keys, self.values, self.visible, self.end, self.position)
+        old = (self.keys, self.values, self.visible, self.end)
         shape = (slots, heads, self.region + length, dim)
         self.keys = [like.new_zeros(shape) for _ in range(self.layers)]
         self.values = [like.new_zeros(shape) for _ in range(self.layers)]
         self.visible = torch.zeros(slots, self.region + length, dtype=torch.bool, device=like.device)
         self.end = torch.zeros(slots, dtype=torch.long, device=like.device)
-        self.position = torch.zeros_like(self.end)
         self._slot_numbers = torch.arange(slots, device=like.device)
         self.slots, self.length = slots, length
         if old[0] and self.used:
@@ -251,4 +248,4 @@ class SlotCache:
             for new, was in zip([*self.keys, *self.values], [*old[0], *old[1]], strict=True):
                 new[:used, :, :width] = was[:used, :, :width]
             self.visible[:used, :width] = old[2][:used, :width]
-            self.end[:used], self.position[:used] = old[3][:used], old[4][:used]
+            self.end[:used] = old[3][:used]

@@ -39,12 +39,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+from serve_throughput import dev_prompts, train_checkpoint, wide_model  # noqa: E402  (the same prompts and models)
+
 WARM_UP_STEPS = 5
-
-
-def dev_prompts() -> list[str]:
-    lines = (REPO / "data" / "synthetic_adgen" / "dev.json").read_text().splitlines()
-    return [json.loads(line)["content"] for line in lines][:64]
 
 
 def ms(seconds: list[float]) -> float:
@@ -159,9 +157,6 @@ def main() -> None:
         parser.error("give at least one --tree [LABEL=]PATH")
     load_start = os.getloadavg()
     if args.checkpoint is None:
-        sys.path.insert(0, str(REPO / "benchmarks"))
-        from serve_throughput import train_checkpoint, wide_model
-
         work = Path(tempfile.mkdtemp(prefix="ptune-join-bench-"))
         args.checkpoint = train_checkpoint(work, wide_model(work / "wide") if args.wide else None)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}

@@ -47,9 +47,9 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
 TINY = REPO / "models" / "tiny-glm"
-#: ChatGLM2-6B's proportions (head size 128, 2 key/value groups, MLP 3.34x hidden) at a quarter of its width
 #: the processes whose CPU use each level reports: the server's HTTP process, its engine, this benchmark's clients
 CPU = ("HTTP process", "engine", "clients")
+#: ChatGLM2-6B's proportions (head size 128, 2 key/value groups, MLP 3.34x hidden) at a quarter of its width
 WIDE = {"hidden_size": 1024, "num_attention_heads": 8, "head_dim": 128, "intermediate_size": 3424}
 
 
